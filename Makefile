@@ -1,0 +1,32 @@
+# Every target creates its own virtual environment; only Python 3.10+ and PyPI are needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench bench-smoke typecheck clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m mypy
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/run.py --smoke
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,252 @@
+"""Decay schedules: callables of the step count that return the EMA decay.
+
+Every schedule here follows optax's convention: it is a function of `count`, an
+integer array (traced under jit), and returns a scalar array. For the EMA,
+`count` is the number of optimizer updates since averaging started, so it is 0
+at the first averaged update. A decay of 0 copies the parameters; a decay of 1
+freezes the average.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _check_unit_interval(name: str, value: float) -> float:
+  try:
+    value = float(value)
+  except TypeError:
+    raise TypeError(
+        f"`{name}` must be a float in [0, 1], got {value!r} of type "
+        f"{type(value).__name__}."
+    ) from None
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(
+        f"`{name}` must be in [0, 1], got {value}. A decay is the weight kept "
+        "by the old average: 0.999 averages over about 1000 steps."
+    )
+  return value
+
+
+def _check_positive(name: str, value: float) -> float:
+  value = float(value)
+  if not (value > 0.0 and math.isfinite(value)):
+    raise ValueError(f"`{name}` must be a positive finite number, got {value}.")
+  return value
+
+
+def _float(count: jax.Array) -> jax.Array:
+  return jnp.asarray(count).astype(jnp.result_type(float))
+
+
+def constant_decay(decay: float) -> Schedule:
+  """The same decay at every step.
+
+  Args:
+    decay: the weight of the old average, in [0, 1].
+
+  Returns:
+    A schedule `count -> decay`.
+
+  Examples:
+    >>> import ema_jax
+    >>> schedule = ema_jax.constant_decay(0.99)
+    >>> float(schedule(0)), float(schedule(1000))
+    (0.99, 0.99)
+  """
+  decay = _check_unit_interval("decay", decay)
+
+  def schedule(count: jax.Array) -> jax.Array:
+    return jnp.full_like(_float(count), decay)
+
+  return schedule
+
+
+def tf_dynamic_decay(decay: float) -> Schedule:
+  """TensorFlow's ramp `min(decay, (1 + count) / (10 + count))`.
+
+  This is `tf.train.ExponentialMovingAverage(num_updates=...)` and TensorFlow
+  Addons' `MovingAverage(dynamic_decay=True)`: the average warms up quickly at
+  the start of training and reaches `decay` after about `9 / (1 - decay)` steps.
+
+  Args:
+    decay: the largest decay, in [0, 1].
+
+  Returns:
+    A schedule `count -> decay`.
+
+  Examples:
+    >>> import ema_jax
+    >>> schedule = ema_jax.tf_dynamic_decay(0.99)
+    >>> [round(float(schedule(k)), 4) for k in (0, 1, 10, 10_000)]
+    [0.1, 0.1818, 0.55, 0.99]
+  """
+  decay = _check_unit_interval("decay", decay)
+
+  def schedule(count: jax.Array) -> jax.Array:
+    k = _float(count)
+    return jnp.minimum(decay, (1.0 + k) / (10.0 + k))
+
+  return schedule
+
+
+def warmup_decay(
+    decay: float,
+    *,
+    inv_gamma: float = 1.0,
+    power: float = 2.0 / 3.0,
+    min_decay: float = 0.0,
+) -> Schedule:
+  """The timm/diffusers warm-up `1 - (1 + count / inv_gamma) ** -power`.
+
+  The value is clipped to `[min_decay, decay]`. It is 0 at `count=0`, so the
+  first averaged update copies the parameters. `power=2/3` reaches 0.999 at
+  about 31k steps and 0.9999 at 1M steps; `power=3/4` suits shorter runs.
+
+  Args:
+    decay: the largest decay, in [0, 1].
+    inv_gamma: the step scale of the warm-up, positive.
+    power: the exponent of the warm-up, positive.
+    min_decay: the smallest decay, in [0, decay].
+
+  Returns:
+    A schedule `count -> decay`.
+
+  Examples:
+    >>> import ema_jax
+    >>> schedule = ema_jax.warmup_decay(0.9999)
+    >>> [round(float(schedule(k)), 4) for k in (0, 1, 100, 1_000_000)]
+    [0.0, 0.37, 0.9539, 0.9999]
+  """
+  decay = _check_unit_interval("decay", decay)
+  min_decay = _check_unit_interval("min_decay", min_decay)
+  if min_decay > decay:
+    raise ValueError(
+        f"`min_decay` ({min_decay}) must not exceed `decay` ({decay})."
+    )
+  inv_gamma = _check_positive("inv_gamma", inv_gamma)
+  power = _check_positive("power", power)
+
+  def schedule(count: jax.Array) -> jax.Array:
+    k = _float(count)
+    value = 1.0 - (1.0 + k / inv_gamma) ** -power
+    # diffusers' order: cap at `decay` first, then floor at `min_decay`.
+    return jnp.maximum(jnp.minimum(value, decay), min_decay)
+
+  return schedule
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+  """The exponent `gamma` of the power-function EMA of relative width `sigma_rel`.
+
+  Solves `gamma**3 + 7 gamma**2 + (16 - s**-2) gamma + (12 - s**-2) = 0` for its
+  largest real root (Karras et al., EDM2, Eq. 3 inverted; `std_to_exp` in the
+  EDM2 code).
+
+  Args:
+    sigma_rel: the relative standard deviation of the averaging profile, in
+      (0, 1/sqrt(12)) (the upper bound is a uniform average over all steps).
+
+  Returns:
+    gamma, a float > -1.
+
+  Examples:
+    >>> import ema_jax
+    >>> round(ema_jax.sigma_rel_to_gamma(0.05), 3), round(ema_jax.sigma_rel_to_gamma(0.10), 3)
+    (16.972, 6.937)
+  """
+  sigma_rel = float(sigma_rel)
+  if not 0.0 < sigma_rel < 12.0**-0.5:
+    raise ValueError(
+        f"`sigma_rel` must be in (0, {12.0**-0.5:.4f}), got {sigma_rel}; the "
+        "upper bound is a plain average of all steps."
+    )
+  t = sigma_rel**-2
+  roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+  return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+  """The relative width `sigma_rel` of the power-function EMA of exponent `gamma`.
+
+  Args:
+    gamma: the exponent, > -1.
+
+  Returns:
+    `sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))`.
+
+  Examples:
+    >>> import ema_jax
+    >>> round(ema_jax.gamma_to_sigma_rel(6.94), 4)
+    0.1
+  """
+  gamma = float(gamma)
+  if not gamma > -1.0:
+    raise ValueError(f"`gamma` must be > -1, got {gamma}.")
+  return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
+
+
+def power_decay(
+    *, gamma: float | None = None, sigma_rel: float | None = None
+) -> Schedule:
+  """The EDM2 power-function profile `(1 - 1 / t) ** (gamma + 1)`, `t = count + 1`.
+
+  The average at step `t` weighs step `tau` in proportion to `tau ** gamma`, so
+  its length grows with training and is the same fraction of it at every
+  point. Give exactly one of `gamma` and `sigma_rel`. With
+  `ema(..., update_every=k)` the decays of the `k` steps are multiplied, which
+  is EDM2's `(1 - k / t) ** (gamma + 1)`: the profile does not shift with `k`.
+
+  Args:
+    gamma: the exponent, > -1 (EDM2 uses 6.94 and 16.97).
+    sigma_rel: the relative width, e.g. 0.05 or 0.10; see `sigma_rel_to_gamma`.
+
+  Returns:
+    A schedule `count -> decay`, 0 at `count=0`.
+
+  Examples:
+    >>> import ema_jax
+    >>> schedule = ema_jax.power_decay(gamma=7.0)
+    >>> [round(float(schedule(k)), 4) for k in (0, 1, 999)]
+    [0.0, 0.0039, 0.992]
+  """
+  if (gamma is None) == (sigma_rel is None):
+    raise ValueError("Give exactly one of `gamma` and `sigma_rel`.")
+  if gamma is None:
+    assert sigma_rel is not None
+    gamma = sigma_rel_to_gamma(sigma_rel)
+  gamma = float(gamma)
+  if not gamma > -1.0:
+    raise ValueError(f"`gamma` must be > -1, got {gamma}.")
+  exponent = gamma + 1.0
+
+  def schedule(count: jax.Array) -> jax.Array:
+    t = _float(count) + 1.0
+    return (1.0 - 1.0 / t) ** exponent
+
+  return schedule
+
+
+def half_life_decay(half_life: float) -> Schedule:
+  """A constant decay `0.5 ** (1 / half_life)`: a step's weight halves every `half_life` steps.
+
+  Args:
+    half_life: in optimizer steps, positive.
+
+  Returns:
+    A schedule `count -> decay`.
+
+  Examples:
+    >>> import ema_jax
+    >>> round(float(ema_jax.half_life_decay(693.1)(0)), 6)
+    0.999
+  """
+  half_life = _check_positive("half_life", half_life)
+  return constant_decay(0.5 ** (1.0 / half_life))

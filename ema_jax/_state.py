@@ -1,0 +1,52 @@
+"""The EMA state, and the swapped form it takes while the EMA weights are out."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+
+class EmaState(NamedTuple):
+  """State of `ema_jax.ema`: the moving average of the parameters.
+
+  Attributes:
+    count: number of updates seen so far. shape=(), int32.
+    ema: the average, a tree like the parameters. Averaged leaves are float32
+      for bfloat16/float16 params by default; integer, boolean and PRNG-key
+      leaves hold the latest parameter value; leaves excluded by `mask` are
+      `None` (nothing is stored for them).
+    debias_norm: with `debias=True`, the total weight `1 - prod(decays)` that a
+      zero-initialised average would have, used to correct it; `None`
+      otherwise. shape=(), float32.
+  """
+
+  count: jax.Array
+  ema: Any
+  debias_norm: jax.Array | None
+
+
+class SwappedEmaState(NamedTuple):
+  """An `EmaState` whose average is out in the params: `ema_jax.swap` made it.
+
+  It holds the raw (training) parameters in place of the average, under a
+  field name of its own, so that:
+
+  * `update` refuses it with an error at trace time, at no run-time cost, and
+  * a checkpoint written while swapped cannot be restored into an unswapped
+    state template by mistake (the tree keys differ).
+
+  Attributes:
+    count: as in `EmaState`.
+    raw_params: the training parameters, held while the EMA is swapped in;
+      `None` at leaves excluded by `mask`.
+    debias_norm: as in `EmaState`.
+  """
+
+  count: jax.Array
+  raw_params: Any
+  debias_norm: jax.Array | None
+
+
+def is_ema_state(x: Any) -> bool:
+  return isinstance(x, (EmaState, SwappedEmaState))

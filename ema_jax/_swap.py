@@ -1,0 +1,157 @@
+"""Reading the EMA out of an optimizer state, and swapping it with the params."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import jax
+import optax
+
+from ema_jax import _tree
+from ema_jax._state import EmaState, SwappedEmaState, is_ema_state
+
+
+def _find(state: Any, which: int | None) -> tuple[int, EmaState | SwappedEmaState]:
+  found = [
+      (path, s)
+      for path, s in jax.tree_util.tree_flatten_with_path(
+          state, is_leaf=is_ema_state
+      )[0]
+      if is_ema_state(s)
+  ]
+  if not found:
+    raise ValueError(
+        "No ema_jax EMA state found in `state`. Pass the optimizer state of a "
+        "transformation that contains `ema_jax.ema()` (put it last in your "
+        "optax.chain) or a preset."
+    )
+  if which is None:
+    if len(found) > 1:
+      places = ", ".join(_tree.path_str(path) for path, _ in found)
+      raise ValueError(
+          f"`state` holds {len(found)} EMA states (at {places}); pass "
+          "`which=i` to pick the i-th, counting from 0 in that order."
+      )
+    which = 0
+  if not 0 <= which < len(found):
+    raise ValueError(
+        f"`which={which}` is out of range: `state` holds {len(found)} EMA "
+        "state(s)."
+    )
+  return which, found[which][1]
+
+
+def _replace(state: Any, which: int, new: Any) -> Any:
+  if is_ema_state(state):
+    return new
+  seen = itertools.count()
+
+  def pick(x: Any) -> Any:
+    return new if is_ema_state(x) and next(seen) == which else x
+
+  return jax.tree.map(pick, state, is_leaf=is_ema_state)
+
+
+def ema_params(state: optax.OptState, *, which: int | None = None) -> optax.Params:
+  """The EMA of the params, from an `EmaState` or any optax state holding one.
+
+  The state may be nested (`optax.chain`, `optax.MultiSteps`,
+  `optax.inject_hyperparams`, a Flax `TrainState.opt_state`...). Leaves that
+  `mask` excluded are `None`; integer, boolean and key leaves hold the latest
+  params' values. Nothing is computed or copied.
+
+  Args:
+    state: an optimizer state containing exactly one EMA state, or several and
+      `which`.
+    which: with several EMA states, the index of the one to read, in tree
+      order (see the error message for where each is).
+
+  Returns:
+    The average, a tree like the params.
+
+  Raises:
+    ValueError: no EMA state, several and no `which`, or a swapped state (the
+      EMA is then in your params).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax
+    >>> tx = optax.chain(optax.adam(1e-3), ema_jax.ema(0.99))
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> ema_jax.ema_params(state)
+    {'w': Array([0., 0., 0.], dtype=float32)}
+  """
+  _, found = _find(state, which)
+  if isinstance(found, SwappedEmaState):
+    raise ValueError(
+        "The EMA state is swapped: the EMA weights are in your params now. "
+        "Swap back with `ema_jax.swap(params, state)` to read it from the state."
+    )
+  return found.ema
+
+
+def swap(
+    params: optax.Params, state: optax.OptState, *, which: int | None = None
+) -> tuple[optax.Params, optax.OptState]:
+  """Exchange the params and their EMA: evaluate with the EMA, then swap back.
+
+  Pure and exact: it returns the EMA as params and a state holding the former
+  params in the EMA's place; calling it again gives both trees back bit for
+  bit. Nothing is computed or copied (under jit it compiles to no arithmetic).
+  Swapped params keep the EMA's dtype (float32 for bfloat16 params by default).
+  Leaves that `mask` excluded stay as they are in `params`.
+
+  While swapped, the state is a `SwappedEmaState`: `update` refuses it with an
+  error, so a training step cannot silently average the EMA with itself, and a
+  checkpoint of it does not restore into an unswapped state.
+
+  Args:
+    params: the params (or, to swap back, the EMA weights that `swap` returned).
+    state: an `EmaState`, a `SwappedEmaState`, or any optax state holding one.
+    which: with several EMA states in `state`, the index of the one to swap.
+
+  Returns:
+    `(params, state)` swapped.
+
+  Raises:
+    ValueError: when `params` do not have the structure or shapes of the
+      average (the message names the leaf), or `state` holds no EMA state.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax
+    >>> tx = optax.chain(optax.sgd(1.0), ema_jax.ema(0.5))
+    >>> params = jnp.array([2.0])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.array([2.0]), state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> ema_weights, swapped = ema_jax.swap(params, state)
+    >>> ema_weights  # evaluate with these
+    Array([1.], dtype=float32)
+    >>> params, state = ema_jax.swap(ema_weights, swapped)
+    >>> params
+    Array([0.], dtype=float32)
+  """
+  which, found = _find(state, which)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  held_tree = found.ema if isinstance(found, EmaState) else found.raw_params
+  held = _tree.flatten_like(treedef, held_tree, "EMA state")
+  out_params, keep = [], []
+  for (path, p), h in zip(flat, held):
+    if h is None:  # excluded by `mask`: stays in params
+      out_params.append(p)
+      keep.append(None)
+      continue
+    if jax.numpy.shape(p) != jax.numpy.shape(h):
+      raise ValueError(
+          f"Leaf {_tree.path_str(path)}: params have shape "
+          f"{jax.numpy.shape(p)} but the EMA state holds shape "
+          f"{jax.numpy.shape(h)}."
+      )
+    out_params.append(h)
+    keep.append(p)
+  kept = treedef.unflatten(keep)
+  if isinstance(found, EmaState):
+    new: Any = SwappedEmaState(found.count, kept, found.debias_norm)
+  else:
+    new = EmaState(found.count, kept, found.debias_norm)
+  return treedef.unflatten(out_params), _replace(state, which, new)
