@@ -19,7 +19,8 @@ import ema_jax
 
 EPOCHS = 20
 BATCH = 16
-LEARNING_RATE = 0.3  # deliberately high: the raw weights rattle around the optimum
+LEARNING_RATE = 0.3
+GRAD_NOISE = 0.05  # variance of the Gaussian noise added to every gradient
 
 
 def init_mlp(key: jax.Array, sizes: list[int]) -> list[dict[str, jax.Array]]:
@@ -49,6 +50,7 @@ def main() -> None:
   # The EMA goes last in the chain; the warm-up lets it follow the fast early
   # progress, then settle at 0.995 (a horizon of ~200 steps, ~2 epochs).
   tx = optax.chain(
+      optax.add_noise(GRAD_NOISE, 0.0, 0),  # high-noise SGD: the case EMA is for
       optax.sgd(LEARNING_RATE),
       ema_jax.ema(ema_jax.warmup_decay(0.995, power=3 / 4)),
   )
