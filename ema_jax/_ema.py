@@ -141,7 +141,7 @@ def make_ema(
   def init_fn(params: optax.Params) -> EmaState:
     kinds = _tree.leaf_kinds(params, mask)
     leaves, treedef = jax.tree.flatten(params)
-    ema = []
+    ema: list[Any] = []
     for p, kind in zip(leaves, kinds):
       if kind is _tree.Kind.AVERAGE:
         ema.append(_copy(p, _tree.ema_dtype_for(p.dtype, ema_dtype)))
@@ -151,7 +151,7 @@ def make_ema(
         ema.append(None)
     return EmaState(
         count=jnp.zeros((), jnp.int32),
-        ema=treedef.unflatten(ema),
+        ema=jax.tree.unflatten(treedef, ema),
         debias_norm=jnp.zeros((), jnp.float32) if debias else None,
     )
 
@@ -204,13 +204,13 @@ def make_ema(
       new_ema.append(e)
       new_updates.append(u)
 
-    return treedef.unflatten(new_updates), EmaState(
+    return jax.tree.unflatten(treedef, new_updates), EmaState(
         count=optax.safe_increment(state.count),
-        ema=treedef.unflatten(new_ema),
+        ema=jax.tree.unflatten(treedef, new_ema),
         debias_norm=debias_norm,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)  # type: ignore[arg-type]
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def ema(

@@ -21,7 +21,7 @@ class EmaState(NamedTuple):
       otherwise. shape=(), float32.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's field name
   ema: Any
   debias_norm: jax.Array | None
 
@@ -43,7 +43,7 @@ class SwappedEmaState(NamedTuple):
     debias_norm: as in `EmaState`.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]
   raw_params: Any
   debias_norm: jax.Array | None
 

@@ -135,7 +135,8 @@ def swap(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   held_tree = found.ema if isinstance(found, EmaState) else found.raw_params
   held = _tree.flatten_like(treedef, held_tree, "EMA state")
-  out_params, keep = [], []
+  out_params: list[Any] = []
+  keep: list[Any] = []
   for (path, p), h in zip(flat, held):
     if h is None:  # excluded by `mask`: stays in params
       out_params.append(p)
@@ -149,9 +150,9 @@ def swap(
       )
     out_params.append(h)
     keep.append(p)
-  kept = treedef.unflatten(keep)
+  kept = jax.tree.unflatten(treedef, keep)
   if isinstance(found, EmaState):
     new: Any = SwappedEmaState(found.count, kept, found.debias_norm)
   else:
     new = EmaState(found.count, kept, found.debias_norm)
-  return treedef.unflatten(out_params), _replace(state, which, new)
+  return jax.tree.unflatten(treedef, out_params), _replace(state, which, new)

@@ -51,7 +51,7 @@ def expand_mask(mask: MaskOrFn, params: Any) -> list[bool]:
   if mask is None:
     return [True] * n
   mask_tree = mask(params) if callable(mask) else mask
-  mask_leaves, mask_def = jax.tree_util.tree_flatten(mask_tree)
+  mask_def: Any = jax.tree.structure(mask_tree)
   try:
     subtrees = mask_def.flatten_up_to(params)
   except (ValueError, TypeError) as e:
@@ -71,7 +71,6 @@ def expand_mask(mask: MaskOrFn, params: Any) -> list[bool]:
           "Python bools (a mask is static: it decides which leaves have an EMA)."
       )
     flags.extend([bool(flag)] * len(jax.tree.leaves(sub)))
-  del mask_leaves
   return flags
 
 
@@ -88,9 +87,7 @@ def leaf_kinds(params: Any, mask: MaskOrFn) -> list[Kind]:
   return kinds
 
 
-def flatten_like(
-    params_def: jax.tree_util.PyTreeDef, tree: Any, what: str
-) -> list[Any]:
+def flatten_like(params_def: Any, tree: Any, what: str) -> list[Any]:
   """Leaves of `tree` aligned with the leaves of `params_def` (None kept)."""
   try:
     return params_def.flatten_up_to(tree)
