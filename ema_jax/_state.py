@@ -19,6 +19,12 @@ class EmaState(NamedTuple):
     debias_norm: with `debias=True`, the total weight `1 - prod(decays)` that a
       zero-initialised average would have, used to correct it; `None`
       otherwise. shape=(), float32.
+
+  Examples:
+    >>> import jax.numpy as jnp, ema_jax
+    >>> state = ema_jax.ema(0.9).init({"w": jnp.ones(2), "step": jnp.int32(0)})
+    >>> state.count, state.ema["w"], state.debias_norm is None
+    (Array(0, dtype=int32), Array([1., 1.], dtype=float32), True)
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's field name
@@ -41,6 +47,13 @@ class SwappedEmaState(NamedTuple):
     raw_params: the training parameters, held while the EMA is swapped in;
       `None` at leaves excluded by `mask`.
     debias_norm: as in `EmaState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, ema_jax
+    >>> params = jnp.array([3.0])
+    >>> ema_weights, swapped = ema_jax.swap(params, ema_jax.ema(0.9).init(params))
+    >>> type(swapped).__name__, swapped.raw_params
+    ('SwappedEmaState', Array([3.], dtype=float32))
   """
 
   count: jax.Array  # type: ignore[assignment]
