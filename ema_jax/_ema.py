@@ -152,7 +152,8 @@ def make_ema(
     return EmaState(
         count=jnp.zeros((), jnp.int32),
         ema=jax.tree.unflatten(treedef, ema),
-        debias_norm=jnp.zeros((), jnp.float32) if debias else None,
+        # float64 when x64 is on, so float64 params are debiased exactly.
+        debias_norm=jnp.zeros((), jnp.result_type(float)) if debias else None,
     )
 
   def update_fn(
@@ -183,7 +184,7 @@ def make_ema(
       # The debiased average is itself an EMA with the decay
       # d * n_prev / n, where n = d * n_prev + (1 - d) is the weight a
       # zero-initialised average has gathered (1 - prod(d), kept accurate).
-      decay = decay.astype(jnp.float32)
+      decay = decay.astype(debias_norm.dtype)
       norm = decay * debias_norm + (1 - decay)
       decay = jnp.where(norm > 0, decay * debias_norm / norm, 1.0)
       debias_norm = jnp.where(active, norm, debias_norm)

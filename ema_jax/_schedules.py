@@ -22,7 +22,7 @@ Schedule = Callable[[jax.Array], jax.Array]
 def _check_unit_interval(name: str, value: float) -> float:
   try:
     value = float(value)
-  except TypeError:
+  except (TypeError, ValueError):
     raise TypeError(
         f"`{name}` must be a float in [0, 1], got {value!r} of type "
         f"{type(value).__name__}."

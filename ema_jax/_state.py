@@ -18,7 +18,7 @@ class EmaState(NamedTuple):
       `None` (nothing is stored for them).
     debias_norm: with `debias=True`, the total weight `1 - prod(decays)` that a
       zero-initialised average would have, used to correct it; `None`
-      otherwise. shape=(), float32.
+      otherwise. shape=(), float32 (float64 with x64 on).
 
   Examples:
     >>> import jax.numpy as jnp, ema_jax
