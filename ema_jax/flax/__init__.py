@@ -8,8 +8,9 @@ helpers, Orbax); `import ema_jax` works without them. Import it explicitly::
 * `SwapEMAWeights`: Keras 3's callback of the same name, for a Linen
   `TrainState` (returns a new state) or an NNX model and `nnx.Optimizer`
   (acts in place). `ema_weights` is the context-manager form.
-* `TrainState` and `StatsEMA`: opt-in averaging of non-parameter model state
-  (Linen `batch_stats`, NNX `BatchStat`), which is not averaged by default.
+* `TrainState` (Linen) and `Optimizer` (NNX): opt-in averaging of
+  non-parameter model state (`batch_stats`, `nnx.BatchStat`), which is not
+  averaged by default.
 * `save_checkpoint`, `restore_checkpoint`: Orbax checkpoints that resume
   bit-exactly, whether they were written with the EMA swapped in or not;
   `export_ema`: the EMA weights alone, for inference.
@@ -30,10 +31,10 @@ from ema_jax.flax._hook import SwapEMAWeights as SwapEMAWeights
 from ema_jax.flax._hook import ema_weights as ema_weights
 from ema_jax.flax._hook import is_swapped as is_swapped
 from ema_jax.flax._linen import TrainState as TrainState
-from ema_jax.flax._nnx import StatsEMA as StatsEMA
+from ema_jax.flax._nnx import Optimizer as Optimizer
 
 __all__ = [
-    "StatsEMA",
+    "Optimizer",
     "SwapEMAWeights",
     "TrainState",
     "ema_weights",

@@ -11,7 +11,6 @@ from flax import nnx
 
 from ema_jax.flax import _hook
 from ema_jax.flax import _linen
-from ema_jax.flax import _nnx
 
 
 def _key_name(key: Any) -> str:
@@ -30,11 +29,8 @@ def _leaf_paths(tree: Any) -> frozenset[tuple[str, ...]]:
   )
 
 
-def _nnx_item(model: nnx.Module, optimizer: Any, stats: Any) -> dict[str, Any]:
-  item = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-  if stats is not None:
-    item["stats"] = nnx.state(stats)
-  return item
+def _nnx_item(model: nnx.Module, optimizer: Any) -> dict[str, Any]:
+  return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
 
 
 def _check_nnx(target: Any, optimizer: Any) -> bool:
@@ -58,15 +54,14 @@ def save_checkpoint(
     step: int,
     target: Any,
     optimizer: Any = None,
-    stats: _nnx.StatsEMA | None = None,
     **kwargs: Any,
 ) -> bool:
   """Save a training state with an `orbax.checkpoint.CheckpointManager`.
 
   For a Linen `TrainState` this is `manager.save(step,
   args=ocp.args.StandardSave(state))`; for NNX it saves
-  `{"model": nnx.state(model), "optimizer": nnx.state(optimizer)}` (and
-  `"stats"`), the layout `restore_checkpoint` reads. The EMA state is saved
+  `{"model": nnx.state(model), "optimizer": nnx.state(optimizer)}`, the
+  layout `restore_checkpoint` reads. The EMA state is saved
   with everything else: its step counter, and so where its decay schedule is.
 
   Saving while the EMA is swapped in (`SwapEMAWeights(swap_on_epoch=True)`) is
@@ -79,7 +74,6 @@ def save_checkpoint(
     step: the step to save under.
     target: a Linen `TrainState`, or an NNX model.
     optimizer: with NNX, its `nnx.Optimizer`.
-    stats: with NNX, an optional `StatsEMA`.
     **kwargs: passed to `manager.save` (e.g. `force=True`).
 
   Returns:
@@ -99,13 +93,8 @@ def save_checkpoint(
   import orbax.checkpoint as ocp
 
   if _check_nnx(target, optimizer):
-    item = _nnx_item(target, optimizer, stats)
+    item = _nnx_item(target, optimizer)
   else:
-    if stats is not None:
-      raise TypeError(
-          "`stats` is for NNX; a Linen `ema_jax.flax.TrainState` holds its "
-          "statistics' EMA itself."
-      )
     item = target
   return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
 
@@ -114,7 +103,6 @@ def restore_checkpoint(
     manager: Any,
     target: Any,
     optimizer: Any = None,
-    stats: _nnx.StatsEMA | None = None,
     *,
     step: int | None = None,
     which: int | None = None,
@@ -135,7 +123,6 @@ def restore_checkpoint(
     target: a Linen `TrainState` to use as the template (concrete or from
       `jax.eval_shape`; in either form), or an NNX model to restore in place.
     optimizer: with NNX, its `nnx.Optimizer` (restored in place).
-    stats: with NNX, the `StatsEMA` if one was saved (restored in place).
     step: the step to restore; the latest by default.
     which: with several EMA states, which one the hook swaps.
 
@@ -173,9 +160,7 @@ def restore_checkpoint(
   saved = _leaf_paths(getattr(metadata, "tree", metadata))
 
   if not _check_nnx(target, optimizer):
-    if stats is not None:
-      raise TypeError("`stats` is for NNX models.")
-    raw = _hook._set(target, None, None, which, ema_in=False)
+    raw = _hook._set(target, None, which, ema_in=False)
     ema_in = _linen.toggle(raw, which)
     was_swapped = saved == _leaf_paths(ema_in) and saved != _leaf_paths(raw)
     template = ema_in if was_swapped else raw
@@ -183,20 +168,18 @@ def restore_checkpoint(
     return _linen.toggle(restored, which) if was_swapped else restored
 
   model = target
-  _hook._set(model, optimizer, stats, which, ema_in=False)
-  raw_item = _nnx_item(model, optimizer, stats)
-  with _hook.ema_weights(model, optimizer, stats, which=which):
-    ema_item = _nnx_item(model, optimizer, stats)
+  _hook._set(model, optimizer, which, ema_in=False)
+  raw_item = _nnx_item(model, optimizer)
+  with _hook.ema_weights(model, optimizer, which=which):
+    ema_item = _nnx_item(model, optimizer)
   was_swapped = saved == _leaf_paths(ema_item) and saved != _leaf_paths(raw_item)
   template = ema_item if was_swapped else raw_item
   restored = manager.restore(step, args=ocp.args.StandardRestore(template))
   if was_swapped:  # take the swapped structure, fill it, then swap back
-    _hook._set(model, optimizer, stats, which, ema_in=True)
+    _hook._set(model, optimizer, which, ema_in=True)
   nnx.update(model, restored["model"])
   nnx.update(optimizer, restored["optimizer"])
-  if stats is not None:
-    nnx.update(stats, restored["stats"])
-  _hook._set(model, optimizer, stats, which, ema_in=False)
+  _hook._set(model, optimizer, which, ema_in=False)
   return None
 
 
@@ -209,7 +192,6 @@ def _copy(tree: Any) -> Any:
 def export_ema(
     target: Any,
     optimizer: Any = None,
-    stats: _nnx.StatsEMA | None = None,
     *,
     which: int | None = None,
     directory: str | os.PathLike[str] | None = None,
@@ -219,13 +201,12 @@ def export_ema(
   The counterpart of Keras' `finalize_variable_values` and TensorFlow Addons'
   `assign_average_vars`, without touching the training state: it returns a
   copy. Non-parameter state comes along: its EMA when it is averaged
-  (`ema_jax.flax.TrainState(average_stats=...)`, `StatsEMA`), else its current
-  value, as in Keras.
+  (`average_stats=` of `ema_jax.flax.TrainState` or `ema_jax.flax.Optimizer`),
+  else its current value, as in Keras.
 
   Args:
     target: a Linen `TrainState`, or an NNX model.
     optimizer: with NNX, its `nnx.Optimizer`.
-    stats: with NNX, an optional `StatsEMA`.
     which: with several EMA states, which one.
     directory: if given, also write the exported weights there with
       `orbax.checkpoint.StandardCheckpointer` (it must not exist yet).
@@ -245,14 +226,12 @@ def export_ema(
     {'params': {'w': Array([1.], dtype=float32)}}
   """
   if _check_nnx(target, optimizer):
-    with _hook.ema_weights(target, optimizer, stats, which=which):
+    with _hook.ema_weights(target, optimizer, which=which):
       graphdef, state = nnx.split(target)
       exported = nnx.merge(graphdef, _copy(state))
     item: Any = nnx.state(exported)
   else:
-    if stats is not None:
-      raise TypeError("`stats` is for NNX models.")
-    ema_in = _hook._set(target, None, None, which, ema_in=True)
+    ema_in = _hook._set(target, None, which, ema_in=True)
     exported = {"params": _copy(ema_in.params)}
     if getattr(ema_in, "batch_stats", None) is not None:
       exported["batch_stats"] = _copy(ema_in.batch_stats)

@@ -12,11 +12,11 @@ from ema_jax.flax import _linen
 from ema_jax.flax import _nnx
 
 
-def _check_linen_args(state: Any, optimizer: Any, stats: Any) -> None:
-  if optimizer is not None or stats is not None:
+def _check_linen_args(state: Any, optimizer: Any) -> None:
+  if optimizer is not None:
     raise TypeError(
         "With a Linen `TrainState` pass the state alone: its `opt_state` holds "
-        "the EMA (and `ema_jax.flax.TrainState.stats_ema` the statistics' EMA)."
+        "the EMA (and `ema_jax.flax.TrainState.stats_ema` the statistics' one)."
     )
 
 
@@ -33,19 +33,17 @@ def _unchanged(target: Any) -> Any:
   return target if _linen.is_train_state(target) else None
 
 
-def _set(
-    target: Any, optimizer: Any, stats: Any, which: int | None, ema_in: bool
-) -> Any:
+def _set(target: Any, optimizer: Any, which: int | None, ema_in: bool) -> Any:
   """Put the EMA (`ema_in=True`) or the raw weights in; nothing if already there."""
   if _linen.is_train_state(target):
-    _check_linen_args(target, optimizer, stats)
+    _check_linen_args(target, optimizer)
     if _linen.swapped(target, which) == ema_in:
       return target
     return _linen.toggle(target, which)
   if isinstance(target, nnx.Module):
     _check_nnx_args(target, optimizer)
-    if _nnx.swapped(optimizer, stats, which) != ema_in:
-      _nnx.toggle(target, optimizer, stats, which)
+    if _nnx.swapped(optimizer, which) != ema_in:
+      _nnx.toggle(target, optimizer, which)
     return None
   raise TypeError(
       "Expected a `flax.training.train_state.TrainState` or an `nnx.Module` "
@@ -53,15 +51,12 @@ def _set(
   )
 
 
-def is_swapped(
-    target: Any, *, stats: _nnx.StatsEMA | None = None, which: int | None = None
-) -> bool:
+def is_swapped(target: Any, *, which: int | None = None) -> bool:
   """Whether the EMA weights are in the model now (as the state's type records).
 
   Args:
     target: a Linen `TrainState`, an `nnx.Optimizer`, or any optax state
       holding an ema_jax EMA state.
-    stats: with NNX, the `StatsEMA` (checked to be in the same form).
     which: with several EMA states, which one (see `ema_jax.swap`).
 
   Returns:
@@ -83,8 +78,8 @@ def is_swapped(
   """
   if _linen.is_train_state(target):
     return _linen.swapped(target, which)
-  if hasattr(target, "opt_state") and hasattr(target, "wrt"):
-    return _nnx.swapped(target, stats, which)
+  if isinstance(target, nnx.Optimizer):
+    return _nnx.swapped(target, which)
   return _form.opt_state_swapped(target, which)
 
 
@@ -97,8 +92,8 @@ class SwapEMAWeights:
 
   * a Linen `flax.training.train_state.TrainState` (or subclass) whose `tx`
     holds an ema_jax EMA, and returns the new state; or
-  * an NNX model and its `nnx.Optimizer(model, tx, wrt=nnx.Param)` (and
-    optionally a `StatsEMA`), and swaps them in place, returning `None`.
+  * an NNX model and its `nnx.Optimizer(model, tx, wrt=nnx.Param)`, and
+    swaps them in place, returning `None`.
 
   Semantics (Keras 3.15's, with its `predict` bug fixed):
 
@@ -119,8 +114,9 @@ class SwapEMAWeights:
     Training while swapped fails with an error (the optimizer refuses a
     `SwappedEmaState`); it never averages the EMA with itself.
   * Only parameters are swapped; `batch_stats` / `nnx.BatchStat` are left in
-    place (as in Keras) unless their EMA is kept with `ema_jax.flax.TrainState`
-    (`average_stats=`) or `ema_jax.flax.StatsEMA`, which are then swapped too.
+    place (as in Keras) unless their EMA is kept (`average_stats=` of
+    `ema_jax.flax.TrainState` or `ema_jax.flax.Optimizer`): then they are
+    swapped together with the params.
   * Swapping computes nothing: the two trees exchange places, so the raw
     weights come back bit-exact (Keras' JAX backend is exact too; its
     TensorFlow backend adds and subtracts).
@@ -168,35 +164,33 @@ class SwapEMAWeights:
     self.swap_on_epoch = swap_on_epoch
     self.which = which
 
-  def on_epoch_begin(self, target: Any, optimizer: Any = None, stats: Any = None) -> Any:
+  def on_epoch_begin(self, target: Any, optimizer: Any = None) -> Any:
     """With `swap_on_epoch=True`, put the raw weights back before training."""
     if not self.swap_on_epoch:
       return _unchanged(target)
-    return _set(target, optimizer, stats, self.which, ema_in=False)
+    return _set(target, optimizer, self.which, ema_in=False)
 
-  def on_epoch_end(self, target: Any, optimizer: Any = None, stats: Any = None) -> Any:
+  def on_epoch_end(self, target: Any, optimizer: Any = None) -> Any:
     """With `swap_on_epoch=True`, leave the EMA weights in the model."""
     if not self.swap_on_epoch:
       return _unchanged(target)
-    return _set(target, optimizer, stats, self.which, ema_in=True)
+    return _set(target, optimizer, self.which, ema_in=True)
 
-  def on_test_begin(self, target: Any, optimizer: Any = None, stats: Any = None) -> Any:
+  def on_test_begin(self, target: Any, optimizer: Any = None) -> Any:
     """Put the EMA weights in for evaluation (no-op if they are in)."""
-    return _set(target, optimizer, stats, self.which, ema_in=True)
+    return _set(target, optimizer, self.which, ema_in=True)
 
-  def on_test_end(self, target: Any, optimizer: Any = None, stats: Any = None) -> Any:
+  def on_test_end(self, target: Any, optimizer: Any = None) -> Any:
     """Put the raw weights back after evaluation (no-op if they are in)."""
-    return _set(target, optimizer, stats, self.which, ema_in=False)
+    return _set(target, optimizer, self.which, ema_in=False)
 
-  def on_predict_begin(
-      self, target: Any, optimizer: Any = None, stats: Any = None
-  ) -> Any:
+  def on_predict_begin(self, target: Any, optimizer: Any = None) -> Any:
     """Put the EMA weights in for prediction (no-op if they are in)."""
-    return _set(target, optimizer, stats, self.which, ema_in=True)
+    return _set(target, optimizer, self.which, ema_in=True)
 
-  def on_predict_end(self, target: Any, optimizer: Any = None, stats: Any = None) -> Any:
+  def on_predict_end(self, target: Any, optimizer: Any = None) -> Any:
     """Put the raw weights back after prediction (Keras forgets to)."""
-    return _set(target, optimizer, stats, self.which, ema_in=False)
+    return _set(target, optimizer, self.which, ema_in=False)
 
   def __repr__(self) -> str:
     return f"SwapEMAWeights(swap_on_epoch={self.swap_on_epoch}, which={self.which})"
@@ -204,11 +198,7 @@ class SwapEMAWeights:
 
 @contextlib.contextmanager
 def ema_weights(
-    target: Any,
-    optimizer: Any = None,
-    stats: _nnx.StatsEMA | None = None,
-    *,
-    which: int | None = None,
+    target: Any, optimizer: Any = None, *, which: int | None = None
 ) -> Iterator[Any]:
   """Evaluate with the EMA weights inside a `with` block; always swap back.
 
@@ -221,7 +211,6 @@ def ema_weights(
   Args:
     target: an NNX model, or a Linen `TrainState`.
     optimizer: with NNX, its `nnx.Optimizer`.
-    stats: with NNX, an optional `StatsEMA` swapped together with the params.
     which: with several EMA states, which one (as in `ema_jax.swap`).
 
   Yields:
@@ -241,7 +230,7 @@ def ema_weights(
     Array([-1.], dtype=float32)
   """
   if _linen.is_train_state(target):
-    yield _set(target, optimizer, stats, which, ema_in=True)
+    yield _set(target, optimizer, which, ema_in=True)
     return
   if not isinstance(target, nnx.Module):
     raise TypeError(
@@ -249,10 +238,10 @@ def ema_weights(
         f"Linen `TrainState`; got {type(target).__name__}."
     )
   _check_nnx_args(target, optimizer)
-  entered_swapped = _nnx.swapped(optimizer, stats, which)
-  _set(target, optimizer, stats, which, ema_in=True)
+  entered_swapped = _nnx.swapped(optimizer, which)
+  _set(target, optimizer, which, ema_in=True)
   try:
     yield target
   finally:
     if not entered_swapped:
-      _set(target, optimizer, stats, which, ema_in=False)
+      _set(target, optimizer, which, ema_in=False)

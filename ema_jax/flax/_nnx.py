@@ -1,4 +1,4 @@
-"""NNX: the EMA of non-parameter state, and swapping a model with its EMA in place."""
+"""NNX: an optimizer that can average BatchStat too, and swapping a model in place."""
 
 from __future__ import annotations
 
@@ -13,43 +13,47 @@ import ema_jax
 from ema_jax.flax import _form
 
 
-def _graph_kw(holder: Any) -> dict[str, Any]:
-  # Follow the holder's graph/tree mode where this Flax version has one.
-  graph = getattr(holder, "graph", None)
-  return {} if graph is None else {"graph": graph}
-
-
 def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-class StatsEMA(nnx.Pytree):
-  """The EMA of an NNX model's non-parameter state (`nnx.BatchStat` by default).
+def _graph_kw(optimizer: Any) -> dict[str, Any]:
+  # Follow the optimizer's graph/tree mode where this Flax version has one.
+  graph = getattr(optimizer, "graph", None)
+  return {} if graph is None else {"graph": graph}
 
-  `nnx.Optimizer(model, tx, wrt=nnx.Param)` averages only parameters, as
-  Keras and TensorFlow Addons do. To average BatchNorm statistics as well (TF
-  Model Garden's `trainable_weights_only=False`, timm's default), keep one of
-  these next to the optimizer, call `update(model)` after each
-  `optimizer.update`, and hand it to `SwapEMAWeights` / `ema_weights` as
-  `stats`, which then swap the statistics together with the params.
+
+class Optimizer(nnx.Optimizer):
+  """`nnx.Optimizer` that can also keep the EMA of non-parameter state.
+
+  `SwapEMAWeights` works with any `nnx.Optimizer(model, tx, wrt=nnx.Param)`
+  whose `tx` holds an ema_jax EMA; it swaps only the parameters and leaves
+  `nnx.BatchStat` (and RNG state) alone, as Keras and TensorFlow Addons do.
+  Use this subclass when you want the BatchNorm statistics averaged as well
+  (TF Model Garden's `trainable_weights_only=False`, timm's default): each
+  `update` then also averages the model's current `stats_wrt` variables, and
+  the hook swaps them together with the params.
 
   Attributes:
-    tx: the EMA transformation (normally the `ema_jax.ema(...)` in the
-      optimizer's chain, so both follow the same schedule).
-    wrt: the filter of the variables averaged.
-    opt_state: its state, an `EmaState` (`SwappedEmaState` while swapped in).
+    stats_tx: the transformation averaging the statistics, or `None` (static).
+    stats_wrt: the filter of the averaged non-parameter variables.
+    stats_ema: its state, an `EmaState` (a `SwappedEmaState` while the EMA is
+      swapped in), or `None`.
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
     >>> from flax import nnx
-    >>> model = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
-    >>> stats = ema_jax.flax.StatsEMA(model, ema_jax.ema(0.5))
-    >>> _ = model(jnp.array([[2.0, 4.0], [4.0, 8.0]]))  # moves the running mean
-    >>> model.mean[...]
-    Array([0.03, 0.06], dtype=float32)
-    >>> stats.update(model)
-    >>> stats.opt_state.ema["mean"][...]  # 0.5 * 0 + 0.5 * new mean
-    Array([0.015, 0.03 ], dtype=float32)
+    >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+    >>> ema = ema_jax.ema(0.5)
+    >>> optimizer = ema_jax.flax.Optimizer(
+    ...     model, optax.chain(optax.sgd(0.1), ema), wrt=nnx.Param, average_stats=ema)
+    >>> grads = nnx.grad(lambda m: (m(jnp.eye(2)) ** 2).mean())(model)
+    >>> _ = optimizer.update(model, grads)
+    >>> mean = model.layers[1].mean[...]  # moved from 0 by the forward pass
+    >>> averaged = optimizer.stats_ema.ema["layers"][1]["mean"][...]
+    >>> bool(jnp.all(averaged == 0.5 * mean))  # 0.5 * 0 + 0.5 * mean
+    True
   """
 
   def __init__(
@@ -57,75 +61,119 @@ class StatsEMA(nnx.Pytree):
       model: nnx.Module,
       tx: optax.GradientTransformation,
       *,
-      wrt: Any = nnx.BatchStat,
+      wrt: Any,
+      average_stats: optax.GradientTransformation | None = None,
+      stats_wrt: Any = nnx.BatchStat,
+      **kwargs: Any,
   ):
-    if not isinstance(tx, optax.GradientTransformation):
-      raise TypeError(
-          "`tx` must be an ema_jax transformation such as `ema_jax.ema(0.999)`, "
-          f"got {type(tx).__name__}."
-      )
-    self.tx = tx
-    self.wrt = wrt
-    self.opt_state = nnx.data(to_opt_state(tx.init(nnx.state(model, wrt))))
-
-  def update(self, model: nnx.Module) -> None:
-    """Average the model's current `wrt` variables into the EMA (in place).
+    """Set up the optimizer, and the statistics' EMA if asked.
 
     Args:
-      model: the model whose statistics are averaged (the one given at
-        construction).
+      model: the NNX model.
+      tx: an optax transformation holding an ema_jax EMA (last in a chain).
+      wrt: the trained variables, as for `nnx.Optimizer` (e.g. `nnx.Param`).
+      average_stats: `None` (the default) leaves the statistics out of the
+        EMA; an ema_jax transformation averages them, normally the very
+        `ema_jax.ema(...)` object in `tx`, so both follow the same schedule
+        (both count one update per `update`).
+      stats_wrt: which non-parameter variables to average.
+      **kwargs: passed to `nnx.Optimizer`.
+    """
+    super().__init__(model, tx, wrt=wrt, **kwargs)
+    if average_stats is not None and not isinstance(
+        average_stats, optax.GradientTransformation
+    ):
+      raise TypeError(
+          "`average_stats` must be an ema_jax transformation such as "
+          f"`ema_jax.ema(0.999)`, got {type(average_stats).__name__}."
+      )
+    self.stats_tx = average_stats
+    self.stats_wrt = stats_wrt
+    stats_ema = None
+    if average_stats is not None:
+      stats = nnx.state(model, stats_wrt, **_graph_kw(self))
+      if not jax.tree.leaves(stats):
+        raise ValueError(
+            "`average_stats` was given but the model has no variables matching "
+            f"`stats_wrt={stats_wrt!r}`: there is nothing to average."
+        )
+      stats_ema = to_opt_state(average_stats.init(stats))
+    self.stats_ema = nnx.data(stats_ema)
+
+  def update(self, model: nnx.Module, grads: Any, /, **kwargs: Any) -> optax.Updates:
+    """`nnx.Optimizer.update`, then one EMA step of the statistics if averaged.
+
+    The statistics are read from `model` as they are now, i.e. after the
+    forward pass of this step moved them.
+
+    Args:
+      model: the model (updated in place).
+      grads: the gradients, as for `nnx.Optimizer.update`.
+      **kwargs: passed to the transformation.
+
+    Returns:
+      The updates applied to the params.
 
     Raises:
       RuntimeError: while the EMA is swapped in.
 
     Examples:
-      >>> import jax.numpy as jnp, ema_jax, ema_jax.flax
+      >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
       >>> from flax import nnx
-      >>> model = nnx.BatchNorm(1, rngs=nnx.Rngs(0))
-      >>> stats = ema_jax.flax.StatsEMA(model, ema_jax.ema(0.0))
+      >>> model = nnx.BatchNorm(1, use_bias=False, use_scale=False, rngs=nnx.Rngs(0))
+      >>> ema = ema_jax.ema(0.0)
+      >>> optimizer = ema_jax.flax.Optimizer(
+      ...     model, optax.chain(optax.sgd(0.1), ema), wrt=nnx.Param, average_stats=ema)
       >>> model.var[...] = jnp.array([3.0])
-      >>> stats.update(model)
-      >>> stats.opt_state.ema["var"][...]
+      >>> _ = optimizer.update(model, nnx.state(model, nnx.Param))
+      >>> optimizer.stats_ema.ema["var"][...]
       Array([3.], dtype=float32)
     """
-    current = nnx.as_pure(nnx.state(model, self.wrt))
-    _, new_state = self.tx.update(
-        jax.tree.map(lambda _: None, current), nnx.as_pure(self.opt_state), current
-    )
-    nnx.update(self.opt_state, nnx.state(new_state))
+    updates = super().update(model, grads, **kwargs)
+    if self.stats_tx is not None:
+      current = nnx.as_pure(nnx.state(model, self.stats_wrt, **_graph_kw(self)))
+      # `None` updates leave each statistic as it is, bit for bit.
+      _, new_state = self.stats_tx.update(
+          jax.tree.map(lambda _: None, current), nnx.as_pure(self.stats_ema), current
+      )
+      nnx.update(self.stats_ema, nnx.state(new_state, **_graph_kw(self)))
+    return updates
 
 
-def swapped(optimizer: Any, stats: StatsEMA | None, which: int | None) -> bool:
-  """Whether the model has the EMA in; checks that `stats` agrees."""
-  if not hasattr(optimizer, "opt_state") or not hasattr(optimizer, "wrt"):
+def _check_optimizer(optimizer: Any) -> None:
+  if not isinstance(optimizer, nnx.Optimizer):
     raise TypeError(
         "`optimizer` must be an `nnx.Optimizer(model, tx, wrt=...)` whose `tx` "
         f"holds an ema_jax EMA, got {type(optimizer).__name__}."
     )
+
+
+def _stats_parts(optimizer: Any) -> tuple[Any, Any]:
+  return getattr(optimizer, "stats_ema", None), getattr(optimizer, "stats_wrt", None)
+
+
+def swapped(optimizer: Any, which: int | None) -> bool:
+  """Whether the model has the EMA in; checks the statistics' EMA agrees."""
+  _check_optimizer(optimizer)
   result = _form.opt_state_swapped(optimizer.opt_state, which)
-  if stats is not None:
-    if not isinstance(stats, StatsEMA):
-      raise TypeError(
-          f"`stats` must be an `ema_jax.flax.StatsEMA`, got {type(stats).__name__}."
-      )
-    _form.check_same_form(result, stats.opt_state, "stats.opt_state")
+  stats_ema, _ = _stats_parts(optimizer)
+  if stats_ema is not None:
+    _form.check_same_form(result, stats_ema, "optimizer.stats_ema")
   return result
 
 
-def _plan(model: nnx.Module, holder: Any, which: int | None) -> tuple[Any, Any]:
-  """Compute one holder's swap without changing anything yet."""
-  current = nnx.as_pure(nnx.state(model, holder.wrt, **_graph_kw(holder)))
-  new_values, new_state = ema_jax.swap(
-      current, nnx.as_pure(holder.opt_state), which=which
-  )
-  return new_values, new_state
+def _plan(
+    model: nnx.Module, optimizer: Any, wrt: Any, state: Any, which: int | None
+) -> tuple[Any, Any]:
+  current = nnx.as_pure(nnx.state(model, wrt, **_graph_kw(optimizer)))
+  return ema_jax.swap(current, nnx.as_pure(state), which=which)
 
 
-def _commit(model: nnx.Module, holder: Any, new_values: Any, new_state: Any) -> None:
+def _rebuilt(state: Any, new_state: Any) -> Any:
   # The state's Variables are kept (their metadata, e.g. sharding, too): only
   # their values move, and the container is rebuilt with the other NamedTuple
   # type, so a round trip leaves the graph as it was (no recompilation).
-  variables = jax.tree.leaves(holder.opt_state, is_leaf=_is_variable)
+  variables = jax.tree.leaves(state, is_leaf=_is_variable)
   leaves, treedef = jax.tree.flatten(new_state)
   treedef_: Any = treedef
   if len(variables) != len(leaves) or not all(map(_is_variable, variables)):
@@ -135,19 +183,20 @@ def _commit(model: nnx.Module, holder: Any, new_values: Any, new_state: Any) -> 
     )
   for variable, leaf in zip(variables, leaves):
     variable.set_value(leaf)
-  holder.opt_state = nnx.data(treedef_.unflatten(variables))
-  nnx.update(model, new_values)
+  return treedef_.unflatten(variables)
 
 
-def toggle(
-    model: nnx.Module, optimizer: Any, stats: StatsEMA | None, which: int | None
-) -> None:
-  """Swap the model's params (and stats) with their EMA in place, either way."""
-  swapped(optimizer, stats, which)
-  # Every swap is computed before anything changes: an error leaves the model,
-  # the optimizer and the stats as they were.
-  plans = [(optimizer, _plan(model, optimizer, which))]
-  if stats is not None:
-    plans.append((stats, _plan(model, stats, None)))
-  for holder, (values, state) in plans:
-    _commit(model, holder, values, state)
+def toggle(model: nnx.Module, optimizer: Any, which: int | None) -> None:
+  """Swap the model's params (and averaged stats) with their EMA in place."""
+  swapped(optimizer, which)
+  stats_ema, stats_wrt = _stats_parts(optimizer)
+  # Every swap is computed before anything changes: an error (say, a model
+  # that does not match the optimizer) leaves everything as it was.
+  values, state = _plan(model, optimizer, optimizer.wrt, optimizer.opt_state, which)
+  if stats_ema is not None:
+    stats_values, new_stats = _plan(model, optimizer, stats_wrt, stats_ema, None)
+  optimizer.opt_state = nnx.data(_rebuilt(optimizer.opt_state, state))
+  nnx.update(model, values)
+  if stats_ema is not None:
+    optimizer.stats_ema = nnx.data(_rebuilt(stats_ema, new_stats))
+    nnx.update(model, stats_values)
