@@ -13,20 +13,19 @@ from ema_jax.flax import _hook
 from ema_jax.flax import _linen
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("name", "key", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+def _restore_either(manager: Any, step: int, raw: Any, ema_in: Any) -> tuple[Any, bool]:
+  """Restore into the raw-form template, else the swapped one; say which fit."""
+  import orbax.checkpoint as ocp
 
-
-def _leaf_paths(tree: Any) -> frozenset[tuple[str, ...]]:
-  # Orbax stores NamedTuples and dataclasses as dicts and tuples as lists, so
-  # paths are compared by their names alone.
-  return frozenset(
-      tuple(_key_name(k) for k in path)
-      for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-  )
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(raw)), False
+  except ValueError as raw_error:
+    # The forms differ in one key (`ema` / `raw_params`), so at most one
+    # template fits; if neither does, Orbax's message for the raw form says why.
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(ema_in)), True
+    except ValueError:
+      raise raw_error from None
 
 
 def _nnx_item(model: nnx.Module, optimizer: Any) -> dict[str, Any]:
@@ -112,8 +111,8 @@ def restore_checkpoint(
   A checkpoint written while the EMA was swapped in has `raw_params` where an
   unswapped one has `ema`, so restoring it with plain Orbax into a training
   template fails on the tree mismatch instead of loading the EMA as training
-  weights. This helper reads the checkpoint's tree, restores it in the form
-  it was written in, and swaps back when needed, so a resumed run continues
+  weights. This helper restores it in whichever form it was written in (the
+  template in the other form does not fit) and swaps back when needed, so a resumed run continues
   from the raw weights with the EMA, its step counter and its decay schedule
   exactly where they were. (Had some other route loaded a swapped state, the
   first training step would fail: `update` refuses a `SwappedEmaState`.)
@@ -148,23 +147,18 @@ def restore_checkpoint(
     >>> restored.params["w"], ema_jax.ema_params(restored.opt_state)["w"]  # raw back
     (Array([0.], dtype=float32), Array([1.], dtype=float32))
   """
-  import orbax.checkpoint as ocp
-
   if step is None:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(
           f"No checkpoint in {manager.directory}; nothing to restore."
       )
-  metadata = manager.item_metadata(step)
-  saved = _leaf_paths(getattr(metadata, "tree", metadata))
 
   if not _check_nnx(target, optimizer):
     raw = _hook._set(target, None, which, ema_in=False)
-    ema_in = _linen.toggle(raw, which)
-    was_swapped = saved == _leaf_paths(ema_in) and saved != _leaf_paths(raw)
-    template = ema_in if was_swapped else raw
-    restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+    restored, was_swapped = _restore_either(
+        manager, step, raw, _linen.toggle(raw, which)
+    )
     return _linen.toggle(restored, which) if was_swapped else restored
 
   model = target
@@ -172,9 +166,7 @@ def restore_checkpoint(
   raw_item = _nnx_item(model, optimizer)
   with _hook.ema_weights(model, optimizer, which=which):
     ema_item = _nnx_item(model, optimizer)
-  was_swapped = saved == _leaf_paths(ema_item) and saved != _leaf_paths(raw_item)
-  template = ema_item if was_swapped else raw_item
-  restored = manager.restore(step, args=ocp.args.StandardRestore(template))
+  restored, was_swapped = _restore_either(manager, step, raw_item, ema_item)
   if was_swapped:  # take the swapped structure, fill it, then swap back
     _hook._set(model, optimizer, which, ema_in=True)
   nnx.update(model, restored["model"])
