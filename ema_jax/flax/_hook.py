@@ -12,7 +12,7 @@ from ema_jax.flax import _linen
 from ema_jax.flax import _nnx
 
 
-def _check_linen_args(state: Any, optimizer: Any) -> None:
+def _check_linen_args(optimizer: Any) -> None:
   if optimizer is not None:
     raise TypeError(
         "With a Linen `TrainState` pass the state alone: its `opt_state` holds "
@@ -36,7 +36,7 @@ def _unchanged(target: Any) -> Any:
 def _set(target: Any, optimizer: Any, which: int | None, ema_in: bool) -> Any:
   """Put the EMA (`ema_in=True`) or the raw weights in; nothing if already there."""
   if _linen.is_train_state(target):
-    _check_linen_args(target, optimizer)
+    _check_linen_args(optimizer)
     if _linen.swapped(target, which) == ema_in:
       return target
     return _linen.toggle(target, which)
