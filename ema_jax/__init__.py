@@ -17,6 +17,14 @@ from ema_jax._swap import swap as swap
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # PEP 562: `ema_jax.flax` without importing Flax eagerly
+  if name == "flax":
+    import importlib
+
+    return importlib.import_module("ema_jax.flax")
+  raise AttributeError(f"module 'ema_jax' has no attribute {name!r}")
+
 __all__ = [
     "EmaState",
     "SwappedEmaState",

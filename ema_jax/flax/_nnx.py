@@ -1,0 +1,202 @@
+"""NNX: an optimizer that can average BatchStat too, and swapping a model in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from flax.nnx.training.optimizer import to_opt_state
+
+import ema_jax
+from ema_jax.flax import _form
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _graph_kw(optimizer: Any) -> dict[str, Any]:
+  # Follow the optimizer's graph/tree mode where this Flax version has one.
+  graph = getattr(optimizer, "graph", None)
+  return {} if graph is None else {"graph": graph}
+
+
+class Optimizer(nnx.Optimizer):
+  """`nnx.Optimizer` that can also keep the EMA of non-parameter state.
+
+  `SwapEMAWeights` works with any `nnx.Optimizer(model, tx, wrt=nnx.Param)`
+  whose `tx` holds an ema_jax EMA; it swaps only the parameters and leaves
+  `nnx.BatchStat` (and RNG state) alone, as Keras and TensorFlow Addons do.
+  Use this subclass when you want the BatchNorm statistics averaged as well
+  (TF Model Garden's `trainable_weights_only=False`, timm's default): each
+  `update` then also averages the model's current `stats_wrt` variables, and
+  the hook swaps them together with the params.
+
+  Attributes:
+    stats_tx: the transformation averaging the statistics, or `None` (static).
+    stats_wrt: the filter of the averaged non-parameter variables.
+    stats_ema: its state, an `EmaState` (a `SwappedEmaState` while the EMA is
+      swapped in), or `None`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+    >>> ema = ema_jax.ema(0.5)
+    >>> optimizer = ema_jax.flax.Optimizer(
+    ...     model, optax.chain(optax.sgd(0.1), ema), wrt=nnx.Param, average_stats=ema)
+    >>> grads = nnx.grad(lambda m: (m(jnp.eye(2)) ** 2).mean())(model)
+    >>> _ = optimizer.update(model, grads)
+    >>> mean = model.layers[1].mean[...]  # moved from 0 by the forward pass
+    >>> averaged = optimizer.stats_ema.ema["layers"][1]["mean"][...]
+    >>> bool(jnp.all(averaged == 0.5 * mean))  # 0.5 * 0 + 0.5 * mean
+    True
+  """
+
+  def __init__(
+      self,
+      model: nnx.Module,
+      tx: optax.GradientTransformation,
+      *,
+      wrt: Any,
+      average_stats: optax.GradientTransformation | None = None,
+      stats_wrt: Any = nnx.BatchStat,
+      **kwargs: Any,
+  ):
+    """Set up the optimizer, and the statistics' EMA if asked.
+
+    Args:
+      model: the NNX model.
+      tx: an optax transformation holding an ema_jax EMA (last in a chain).
+      wrt: the trained variables, as for `nnx.Optimizer` (e.g. `nnx.Param`).
+      average_stats: `None` (the default) leaves the statistics out of the
+        EMA; an ema_jax transformation averages them, normally the very
+        `ema_jax.ema(...)` object in `tx`, so both follow the same schedule
+        (both count one update per `update`).
+      stats_wrt: which non-parameter variables to average.
+      **kwargs: passed to `nnx.Optimizer`.
+    """
+    super().__init__(model, tx, wrt=wrt, **kwargs)
+    if average_stats is not None and not isinstance(
+        average_stats, optax.GradientTransformation
+    ):
+      raise TypeError(
+          "`average_stats` must be an ema_jax transformation such as "
+          f"`ema_jax.ema(0.999)`, got {type(average_stats).__name__}."
+      )
+    self.stats_tx = average_stats
+    self.stats_wrt = stats_wrt
+    stats_ema = None
+    if average_stats is not None:
+      stats = nnx.state(model, stats_wrt, **_graph_kw(self))
+      if not jax.tree.leaves(stats):
+        raise ValueError(
+            "`average_stats` was given but the model has no variables matching "
+            f"`stats_wrt={stats_wrt!r}`: there is nothing to average."
+        )
+      stats_ema = to_opt_state(average_stats.init(stats))
+    self.stats_ema = nnx.data(stats_ema)
+
+  def update(self, model: nnx.Module, grads: Any, /, **kwargs: Any) -> optax.Updates:
+    """`nnx.Optimizer.update`, then one EMA step of the statistics if averaged.
+
+    The statistics are read from `model` as they are now, i.e. after the
+    forward pass of this step moved them.
+
+    Args:
+      model: the model (updated in place).
+      grads: the gradients, as for `nnx.Optimizer.update`.
+      **kwargs: passed to the transformation.
+
+    Returns:
+      The updates applied to the params.
+
+    Raises:
+      RuntimeError: while the EMA is swapped in.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+      >>> from flax import nnx
+      >>> model = nnx.BatchNorm(1, use_bias=False, use_scale=False, rngs=nnx.Rngs(0))
+      >>> ema = ema_jax.ema(0.0)
+      >>> optimizer = ema_jax.flax.Optimizer(
+      ...     model, optax.chain(optax.sgd(0.1), ema), wrt=nnx.Param, average_stats=ema)
+      >>> model.var[...] = jnp.array([3.0])
+      >>> _ = optimizer.update(model, nnx.state(model, nnx.Param))
+      >>> optimizer.stats_ema.ema["var"][...]
+      Array([3.], dtype=float32)
+    """
+    updates = super().update(model, grads, **kwargs)
+    if self.stats_tx is not None:
+      current = nnx.as_pure(nnx.state(model, self.stats_wrt, **_graph_kw(self)))
+      # `None` updates leave each statistic as it is, bit for bit.
+      _, new_state = self.stats_tx.update(
+          jax.tree.map(lambda _: None, current), nnx.as_pure(self.stats_ema), current
+      )
+      nnx.update(self.stats_ema, nnx.state(new_state, **_graph_kw(self)))
+    return updates
+
+
+def _check_optimizer(optimizer: Any) -> None:
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+        "`optimizer` must be an `nnx.Optimizer(model, tx, wrt=...)` whose `tx` "
+        f"holds an ema_jax EMA, got {type(optimizer).__name__}."
+    )
+
+
+def _stats_parts(optimizer: Any) -> tuple[Any, Any]:
+  return getattr(optimizer, "stats_ema", None), getattr(optimizer, "stats_wrt", None)
+
+
+def swapped(optimizer: Any, which: int | None) -> bool:
+  """Whether the model has the EMA in; checks the statistics' EMA agrees."""
+  _check_optimizer(optimizer)
+  result = _form.opt_state_swapped(optimizer.opt_state, which)
+  stats_ema, _ = _stats_parts(optimizer)
+  if stats_ema is not None:
+    _form.check_same_form(result, stats_ema, "optimizer.stats_ema")
+  return result
+
+
+def _plan(
+    model: nnx.Module, optimizer: Any, wrt: Any, state: Any, which: int | None
+) -> tuple[Any, Any]:
+  current = nnx.as_pure(nnx.state(model, wrt, **_graph_kw(optimizer)))
+  return ema_jax.swap(current, nnx.as_pure(state), which=which)
+
+
+def _rebuilt(state: Any, new_state: Any) -> Any:
+  # The state's Variables are kept (their metadata, e.g. sharding, too): only
+  # their values move, and the container is rebuilt with the other NamedTuple
+  # type, so a round trip leaves the graph as it was (no recompilation).
+  variables = jax.tree.leaves(state, is_leaf=_is_variable)
+  leaves, treedef = jax.tree.flatten(new_state)
+  treedef_: Any = treedef
+  if len(variables) != len(leaves) or not all(map(_is_variable, variables)):
+    raise RuntimeError(
+        "ema_jax.flax: the optimizer state does not hold one Variable per "
+        "array; was it built by `nnx.Optimizer`?"
+    )
+  for variable, leaf in zip(variables, leaves):
+    variable.set_value(leaf)
+  return treedef_.unflatten(variables)
+
+
+def toggle(model: nnx.Module, optimizer: Any, which: int | None) -> None:
+  """Swap the model's params (and averaged stats) with their EMA in place."""
+  swapped(optimizer, which)
+  stats_ema, stats_wrt = _stats_parts(optimizer)
+  # Every swap is computed before anything changes: an error (say, a model
+  # that does not match the optimizer) leaves everything as it was.
+  values, state = _plan(model, optimizer, optimizer.wrt, optimizer.opt_state, which)
+  if stats_ema is not None:
+    stats_values, new_stats = _plan(model, optimizer, stats_wrt, stats_ema, None)
+  optimizer.opt_state = nnx.data(_rebuilt(optimizer.opt_state, state))
+  nnx.update(model, values)
+  if stats_ema is not None:
+    optimizer.stats_ema = nnx.data(_rebuilt(stats_ema, new_stats))
+    nnx.update(model, stats_values)

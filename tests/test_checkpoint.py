@@ -1,0 +1,291 @@
+"""Orbax checkpoints: bit-exact resume, swapped checkpoints, and the EMA export."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import ema_jax
+import ema_jax.flax
+
+N_STEPS = 9
+STOP_AT = 4  # the interrupted run saves here and a new process would resume
+
+
+def bits(x):
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x).tobytes(), x.dtype, x.shape
+
+
+def assert_bitwise(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  assert len(la) > 0
+  for x, y in zip(la, lb):
+    assert bits(x) == bits(y)
+
+
+def batch(step):
+  key = jax.random.fold_in(jax.random.key(42), step)
+  return jax.random.normal(key, (8, 3))
+
+
+# ------------------------------------------------------------------- Linen
+
+
+class LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Dense(5)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.7)(x)
+    x = nn.Dropout(0.3, deterministic=not train)(nn.relu(x))
+    return nn.Dense(2)(x)
+
+
+LINEN_EMA = ema_jax.ema(
+    ema_jax.warmup_decay(0.99, power=0.75), start_step=2, update_every=2
+)
+LINEN_TX = optax.chain(
+    optax.add_noise(0.01, 0.55, 0),  # its RNG state must resume too
+    optax.adam(1e-2),
+    LINEN_EMA,
+)
+
+
+LINEN_MODEL = LinenNet()
+
+
+@functools.cache  # states are immutable; initialising is the slow part
+def linen_state(seed):
+  variables = jax.jit(LINEN_MODEL.init, static_argnames="train")(
+      jax.random.key(seed), batch(0), train=False
+  )
+  state = ema_jax.flax.TrainState.create(
+      apply_fn=LINEN_MODEL.apply,
+      params=variables["params"],
+      tx=LINEN_TX,
+      batch_stats=variables["batch_stats"],
+      average_stats=LINEN_EMA,
+  )
+  # Committed arrays and an int32 step, as restored states have: then the
+  # train step compiles once for all the runs of this module.
+  state = state.replace(step=jnp.zeros((), jnp.int32))
+  return jax.device_put(state, jax.devices()[0])
+
+
+@jax.jit
+def linen_step(state):
+  x = batch(state.step)
+  dropout = jax.random.fold_in(jax.random.key(7), state.step)
+
+  def loss(params):
+    y, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        x,
+        rngs={"dropout": dropout},
+        mutable=["batch_stats"],
+    )
+    return jnp.mean((y - 1.0) ** 2), updates["batch_stats"]
+
+  grads, stats = jax.grad(loss, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=stats)
+
+
+def linen_train(state, steps):
+  for _ in range(steps):
+    state = linen_step(state)
+  return state
+
+
+@pytest.fixture(scope="module")
+def linen_uninterrupted():
+  return linen_train(linen_state(0), N_STEPS)
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["raw", "ema-swapped-in"])
+def test_linen_resume_is_bitwise(tmp_path, linen_uninterrupted, swapped):
+  state = linen_train(linen_state(0), STOP_AT)
+  if swapped:  # as with swap_on_epoch=True: the checkpoint holds EMA params
+    state = ema_jax.flax.SwapEMAWeights(swap_on_epoch=True).on_epoch_end(state)
+    assert ema_jax.flax.is_swapped(state)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    assert ema_jax.flax.save_checkpoint(manager, STOP_AT, state)
+    manager.wait_until_finished()
+
+  # A new process: fresh (different) values, and an abstract template.
+  template = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      linen_state(1),
+  )
+  with ocp.CheckpointManager(tmp_path) as manager:
+    restored = ema_jax.flax.restore_checkpoint(manager, template)
+  assert not ema_jax.flax.is_swapped(restored)
+  assert int(restored.step) == STOP_AT
+  assert int(restored.opt_state[2].count) == STOP_AT
+  resumed = linen_train(restored, N_STEPS - STOP_AT)
+
+  assert_bitwise(resumed.params, linen_uninterrupted.params)
+  assert_bitwise(resumed.opt_state, linen_uninterrupted.opt_state)
+  assert_bitwise(resumed.batch_stats, linen_uninterrupted.batch_stats)
+  assert_bitwise(resumed.stats_ema, linen_uninterrupted.stats_ema)
+  assert int(resumed.step) == N_STEPS
+  # The EMA did move away from the params (the comparison is not vacuous).
+  ema = ema_jax.ema_params(resumed.opt_state)
+  assert not np.array_equal(ema["Dense_0"]["kernel"], resumed.params["Dense_0"]["kernel"])
+
+
+def test_linen_swapped_checkpoint_does_not_restore_as_training_state(tmp_path):
+  state = linen_train(linen_state(0), 2)
+  swapped = ema_jax.flax.SwapEMAWeights().on_test_begin(state)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    ema_jax.flax.save_checkpoint(manager, 2, swapped)
+    manager.wait_until_finished()
+    # Plain Orbax into a training template: the `ema` / `raw_params` keys
+    # differ, so it refuses instead of loading the EMA as training weights.
+    with pytest.raises(ValueError, match="raw_params"):
+      manager.restore(2, args=ocp.args.StandardRestore(linen_state(1)))
+    restored = ema_jax.flax.restore_checkpoint(manager, linen_state(1), step=2)
+  assert_bitwise(restored.params, state.params)
+  assert_bitwise(restored.opt_state, state.opt_state)
+
+
+def test_restore_without_checkpoint(tmp_path):
+  with ocp.CheckpointManager(tmp_path) as manager:
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+      ema_jax.flax.restore_checkpoint(manager, linen_state(0))
+
+
+def test_linen_export(tmp_path):
+  state = linen_train(linen_state(0), 3)
+  exported = ema_jax.flax.export_ema(state, directory=tmp_path / "ema")
+  assert set(exported) == {"params", "batch_stats"}
+  assert_bitwise(exported["params"], ema_jax.ema_params(state.opt_state))
+  assert_bitwise(exported["batch_stats"], state.stats_ema.ema)
+  # A copy: donating the training state later cannot delete it.
+  ema_leaf = jax.tree.leaves(ema_jax.ema_params(state.opt_state))[0]
+  assert jax.tree.leaves(exported["params"])[0] is not ema_leaf
+  with ocp.StandardCheckpointer() as checkpointer:
+    loaded = checkpointer.restore(tmp_path / "ema", exported)
+  assert_bitwise(loaded, exported)
+  # It is what evaluation under the hook sees.
+  ema_in = ema_jax.flax.SwapEMAWeights().on_test_begin(state)
+  y_hook = ema_in.apply_fn(
+      {"params": ema_in.params, "batch_stats": ema_in.batch_stats}, batch(0), train=False
+  )
+  assert_bitwise(state.apply_fn(loaded, batch(0), train=False), y_hook)
+
+
+# --------------------------------------------------------------------- NNX
+
+
+class Net(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(3, 5, rngs=rngs)
+    self.norm = nnx.BatchNorm(5, momentum=0.7, rngs=rngs)
+    self.drop = nnx.Dropout(0.3, rngs=rngs)
+    self.out = nnx.Linear(5, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.drop(nnx.relu(self.norm(self.dense(x)))))
+
+
+NNX_EMA = ema_jax.ema(ema_jax.power_decay(sigma_rel=0.2), debias=True)
+NNX_TX = optax.chain(optax.add_noise(0.01, 0.55, 0), optax.adam(1e-2), NNX_EMA)
+
+
+def nnx_setup(seed):
+  model = Net(nnx.Rngs(seed, dropout=seed + 1))
+  optimizer = ema_jax.flax.Optimizer(
+      model, NNX_TX, wrt=nnx.Param, average_stats=NNX_EMA
+  )
+  # Committed arrays, as restored ones are: `nnx_step` compiles only once.
+  for node in (model, optimizer):
+    nnx.update(node, jax.device_put(nnx.state(node), jax.devices()[0]))
+  return model, optimizer
+
+
+@nnx.jit
+def nnx_step(model, optimizer, x):
+  grads = nnx.grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(model)
+  optimizer.update(model, grads)
+
+
+def nnx_train(model, optimizer, start, stop):
+  for step in range(start, stop):
+    nnx_step(model, optimizer, batch(step))
+
+
+@pytest.fixture(scope="module")
+def nnx_uninterrupted():
+  model, optimizer = nnx_setup(0)
+  nnx_train(model, optimizer, 0, N_STEPS)
+  return nnx.state(model), nnx.state(optimizer)
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["raw", "ema-swapped-in"])
+def test_nnx_resume_is_bitwise(tmp_path, nnx_uninterrupted, swapped):
+  model, optimizer = nnx_setup(0)
+  nnx_train(model, optimizer, 0, STOP_AT)
+  if swapped:
+    ema_jax.flax.SwapEMAWeights(swap_on_epoch=True).on_epoch_end(model, optimizer)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    ema_jax.flax.save_checkpoint(manager, STOP_AT, model, optimizer)
+    manager.wait_until_finished()
+
+  model, optimizer = nnx_setup(5)  # a new process, other initial values
+  with ocp.CheckpointManager(tmp_path) as manager:
+    if swapped:
+      with pytest.raises(ValueError, match="raw_params"):
+        manager.restore(
+            STOP_AT,
+            args=ocp.args.StandardRestore(
+                {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+            ),
+        )
+    assert ema_jax.flax.restore_checkpoint(manager, model, optimizer) is None
+  assert not ema_jax.flax.is_swapped(optimizer)
+  assert int(optimizer.step[...]) == STOP_AT
+  nnx_train(model, optimizer, STOP_AT, N_STEPS)
+
+  model_state, optimizer_state = nnx_uninterrupted
+  assert_bitwise(nnx.state(model), model_state)  # params, statistics, RNG streams
+  assert_bitwise(nnx.state(optimizer), optimizer_state)  # EMA, counts, debias
+  assert int(optimizer.opt_state[2].count[...]) == N_STEPS
+
+
+def test_nnx_export(tmp_path):
+  model, optimizer = nnx_setup(0)
+  nnx_train(model, optimizer, 0, 3)
+  before = nnx.state(model)
+  exported = ema_jax.flax.export_ema(model, optimizer, directory=tmp_path / "ema")
+  assert isinstance(exported, Net) and exported is not model
+  assert_bitwise(nnx.state(model), before)  # the training model is untouched
+  assert_bitwise(
+      nnx.as_pure(nnx.state(exported, nnx.Param)),
+      ema_jax.ema_params(nnx.as_pure(optimizer.opt_state)),
+  )
+  assert_bitwise(
+      nnx.as_pure(nnx.state(exported, nnx.BatchStat)),
+      ema_jax.ema_params(nnx.as_pure(optimizer.stats_ema)),
+  )
+  fresh, _ = nnx_setup(9)
+  with ocp.StandardCheckpointer() as checkpointer:
+    nnx.update(fresh, checkpointer.restore(tmp_path / "ema", nnx.state(fresh)))
+  fresh.eval()
+  exported.eval()
+  with ema_jax.flax.ema_weights(model, optimizer):
+    model.eval()
+    y_hook = model(batch(0))
+  assert_bitwise(fresh(batch(0)), y_hook)
+  assert_bitwise(exported(batch(0)), y_hook)
