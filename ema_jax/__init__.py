@@ -14,6 +14,9 @@ from ema_jax._state import EmaState as EmaState
 from ema_jax._state import SwappedEmaState as SwappedEmaState
 from ema_jax._swap import ema_params as ema_params
 from ema_jax._swap import swap as swap
+from ema_jax._multi import MultiEmaState as MultiEmaState
+from ema_jax._multi import SwappedMultiEmaState as SwappedMultiEmaState
+from ema_jax._multi import multi_ema as multi_ema
 
 __version__ = "0.1.0"
 
@@ -40,4 +43,7 @@ __all__ = [
     "swap",
     "tf_dynamic_decay",
     "warmup_decay",
+    "MultiEmaState",
+    "SwappedMultiEmaState",
+    "multi_ema",
 ]

@@ -8,17 +8,22 @@ from typing import Any
 import jax
 import optax
 
+from ema_jax import _multi
 from ema_jax import _tree
 from ema_jax._state import EmaState, SwappedEmaState, is_ema_state
 
 
-def _find(state: Any, which: int | None) -> tuple[int, EmaState | SwappedEmaState]:
+def _is_state(x: Any) -> bool:
+  return is_ema_state(x) or _multi.is_multi_state(x)
+
+
+def _find(state: Any, which: int | None) -> tuple[int, Any]:
   found = [
       (path, s)
       for path, s in jax.tree_util.tree_flatten_with_path(
-          state, is_leaf=is_ema_state
+          state, is_leaf=_is_state
       )[0]
-      if is_ema_state(s)
+      if _is_state(s)
   ]
   if not found:
     raise ValueError(
@@ -43,17 +48,19 @@ def _find(state: Any, which: int | None) -> tuple[int, EmaState | SwappedEmaStat
 
 
 def _replace(state: Any, which: int, new: Any) -> Any:
-  if is_ema_state(state):
+  if _is_state(state):
     return new
   seen = itertools.count()
 
   def pick(x: Any) -> Any:
-    return new if is_ema_state(x) and next(seen) == which else x
+    return new if _is_state(x) and next(seen) == which else x
 
-  return jax.tree.map(pick, state, is_leaf=is_ema_state)
+  return jax.tree.map(pick, state, is_leaf=_is_state)
 
 
-def ema_params(state: optax.OptState, *, which: int | None = None) -> optax.Params:
+def ema_params(
+    state: optax.OptState, index: int | None = None, *, which: int | None = None
+) -> optax.Params:
   """The EMA of the params, from an `EmaState` or any optax state holding one.
 
   The state may be nested (`optax.chain`, `optax.MultiSteps`,
@@ -64,6 +71,8 @@ def ema_params(state: optax.OptState, *, which: int | None = None) -> optax.Para
   Args:
     state: an optimizer state containing exactly one EMA state, or several and
       `which`.
+    index: for a `multi_ema` state, which of its averages to read (the
+      position of its decay in `decays`); must be `None` for other states.
     which: with several EMA states, the index of the one to read, in tree
       order (see the error message for where each is).
 
@@ -71,8 +80,9 @@ def ema_params(state: optax.OptState, *, which: int | None = None) -> optax.Para
     The average, a tree like the params.
 
   Raises:
-    ValueError: no EMA state, several and no `which`, or a swapped state (the
-      EMA is then in your params).
+    ValueError: no EMA state, several and no `which`, a swapped state (the
+      EMA is then in your params), or `index` missing for a multi-EMA state
+      (or given for another state).
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax
@@ -82,7 +92,15 @@ def ema_params(state: optax.OptState, *, which: int | None = None) -> optax.Para
     {'w': Array([0., 0., 0.], dtype=float32)}
   """
   _, found = _find(state, which)
-  if isinstance(found, SwappedEmaState):
+  _check_index_for(found, index)
+  if isinstance(found, _multi.MultiEmaState):
+    if index is None:
+      raise ValueError(
+          f"The multi-EMA state holds {_multi._num_averages(found)} averages; "
+          "pass `index=i` to read average i."
+      )
+    return _multi.read(found, index)
+  if isinstance(found, (SwappedEmaState, _multi.SwappedMultiEmaState)):
     raise ValueError(
         "The EMA state is swapped: the EMA weights are in your params now. "
         "Swap back with `ema_jax.swap(params, state)` to read it from the state."
@@ -90,8 +108,21 @@ def ema_params(state: optax.OptState, *, which: int | None = None) -> optax.Para
   return found.ema
 
 
+def _check_index_for(found: Any, index: int | None) -> None:
+  if index is not None and not _multi.is_multi_state(found):
+    raise ValueError(
+        f"`index={index}` picks one average of a `multi_ema` state, but the "
+        "EMA state found is a single EMA; drop `index` (use `which` to choose "
+        "among several EMA states)."
+    )
+
+
 def swap(
-    params: optax.Params, state: optax.OptState, *, which: int | None = None
+    params: optax.Params,
+    state: optax.OptState,
+    *,
+    which: int | None = None,
+    index: int | None = None,
 ) -> tuple[optax.Params, optax.OptState]:
   """Exchange the params and their EMA: evaluate with the EMA, then swap back.
 
@@ -109,6 +140,8 @@ def swap(
     params: the params (or, to swap back, the EMA weights that `swap` returned).
     state: an `EmaState`, a `SwappedEmaState`, or any optax state holding one.
     which: with several EMA states in `state`, the index of the one to swap.
+    index: for a `multi_ema` state, which of its averages to swap in; swapping
+      back needs no `index` (the state remembers it).
 
   Returns:
     `(params, state)` swapped.
@@ -132,6 +165,10 @@ def swap(
     Array([0.], dtype=float32)
   """
   which, found = _find(state, which)
+  _check_index_for(found, index)
+  if _multi.is_multi_state(found):
+    out, new_multi = _multi.swap(params, found, index)
+    return out, _replace(state, which, new_multi)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   held_tree = found.ema if isinstance(found, EmaState) else found.raw_params
   held = _tree.flatten_like(treedef, held_tree, "EMA state")
