@@ -23,9 +23,15 @@ class MultiEmaState(NamedTuple):
       on the trailing axes; integer, boolean and PRNG-key leaves hold the
       latest param value once (they are the same for every average); leaves
       excluded by `mask` are `None`.
+
+  Examples:
+    >>> import jax.numpy as jnp, ema_jax
+    >>> state = ema_jax.multi_ema([0.9, 0.99]).init({"w": jnp.ones(3)})
+    >>> state.count, state.ema["w"].shape
+    (Array(0, dtype=int32), (2, 3))
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's field name
   ema: Any
 
 
@@ -44,12 +50,20 @@ class SwappedMultiEmaState(NamedTuple):
     raw_params: the training params held while average `index` is swapped in;
       `None` at leaves excluded by `mask`.
     index: which average is out. shape=(), int32.
+
+  Examples:
+    >>> import jax.numpy as jnp, ema_jax
+    >>> params = jnp.array([3.0])
+    >>> state = ema_jax.multi_ema([0.9, 0.99]).init(params)
+    >>> ema_weights, swapped = ema_jax.swap(params, state, index=1)
+    >>> type(swapped).__name__, swapped.index
+    ('SwappedMultiEmaState', Array(1, dtype=int32))
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]
   ema: Any
   raw_params: Any
-  index: jax.Array
+  index: jax.Array  # type: ignore[assignment]
 
 
 def is_multi_state(x: Any) -> bool:
@@ -146,7 +160,7 @@ def multi_ema(
   def init_fn(params: optax.Params) -> MultiEmaState:
     kinds = _tree.leaf_kinds(params, mask)
     leaves, treedef = jax.tree.flatten(params)
-    ema = []
+    ema: list[Any] = []
     for p, kind in zip(leaves, kinds):
       if kind is _tree.Kind.AVERAGE:
         ema.append(_stack(p, n, _tree.ema_dtype_for(p.dtype, ema_dtype)))
@@ -155,7 +169,7 @@ def multi_ema(
       else:
         ema.append(None)
     return MultiEmaState(
-        count=jnp.zeros((), jnp.int32), ema=treedef.unflatten(ema)
+        count=jnp.zeros((), jnp.int32), ema=jax.tree.unflatten(treedef, ema)
     )
 
   def update_fn(
@@ -200,7 +214,8 @@ def multi_ema(
 
     actives, decays_now = zip(*(rule(state.count) for rule in rules))
     active, decay = jnp.stack(actives), jnp.stack(decays_now)
-    new_ema, new_updates = [], []
+    new_ema: list[Any] = []
+    new_updates: list[Any] = []
     for p, u, e, kind in zip(p_leaves, u_leaves, e_leaves, kinds):
       new_p = _ema._apply_update(p, u)
       if kind is _tree.Kind.AVERAGE:
@@ -212,12 +227,12 @@ def multi_ema(
         e = _ema._copy(new_p)
       new_ema.append(e)
       new_updates.append(u)
-    return treedef.unflatten(new_updates), MultiEmaState(
+    return jax.tree.unflatten(treedef, new_updates), MultiEmaState(
         count=optax.safe_increment(state.count),
-        ema=treedef.unflatten(new_ema),
+        ema=jax.tree.unflatten(treedef, new_ema),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)  # type: ignore[arg-type]
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def read(state: MultiEmaState, index: int) -> Any:
@@ -269,7 +284,9 @@ def swap(
       )
     index = state.index
     held = _tree.flatten_like(treedef, state.raw_params, "multi-EMA state")
-  out_params, new_ema, kept = [], [], []
+  out_params: list[Any] = []
+  new_ema: list[Any] = []
+  kept: list[Any] = []
   for (path, p), e, h in zip(flat, stacked, held):
     if e is None:  # excluded by `mask`: stays in params
       out_params.append(p)
@@ -302,9 +319,9 @@ def swap(
     new: Any = SwappedMultiEmaState(
         state.count,
         state.ema,
-        treedef.unflatten(kept),
+        jax.tree.unflatten(treedef, kept),
         jnp.asarray(index, jnp.int32),
     )
   else:
-    new = MultiEmaState(state.count, treedef.unflatten(new_ema))
-  return treedef.unflatten(out_params), new
+    new = MultiEmaState(state.count, jax.tree.unflatten(treedef, new_ema))
+  return jax.tree.unflatten(treedef, out_params), new
