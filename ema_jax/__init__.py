@@ -17,6 +17,7 @@ from ema_jax._swap import swap as swap
 from ema_jax._multi import MultiEmaState as MultiEmaState
 from ema_jax._multi import SwappedMultiEmaState as SwappedMultiEmaState
 from ema_jax._multi import multi_ema as multi_ema
+from ema_jax import posthoc as posthoc
 
 __version__ = "0.1.0"
 
@@ -46,4 +47,5 @@ __all__ = [
     "MultiEmaState",
     "SwappedMultiEmaState",
     "multi_ema",
+    "posthoc",
 ]

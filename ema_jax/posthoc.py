@@ -1,0 +1,685 @@
+"""Post-hoc EMA (Karras et al., EDM2): choose the EMA length after training.
+
+Track two power-function EMAs during training (`Snapshotter.ema()`), save
+both every few steps (`Snapshotter.maybe_save`), and afterwards `synthesize`
+the EMA of any width `sigma_rel` at any snapshot step as a linear combination
+of the snapshots, or `sweep` a list of widths and keep the best by your metric.
+
+The step is counted in optimizer updates: a power-function EMA at step `t`
+weighs the params of step `tau <= t` in proportion to `tau ** gamma`. Orbax
+(`pip install orbax-checkpoint`, part of `ema_jax[flax]`) stores the snapshots.
+
+References:
+  Karras, Aittala, Lehtinen, Hellsten, Aila, Laine. Analyzing and Improving
+  the Training Dynamics of Diffusion Models. CVPR 2024. Section 3 and
+  Appendix C; `training/phema.py` in github.com/NVlabs/edm2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ema_jax import _ema
+from ema_jax import _multi
+from ema_jax import _schedules
+from ema_jax import _swap
+from ema_jax import _tree
+
+__all__ = ["Snapshotter", "SweepResult", "solve_weights", "sweep", "synthesize"]
+
+_FORMAT = "ema_jax.posthoc/1"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _gammas(
+    sigma_rels: Sequence[float] | None, gammas: Sequence[float] | None
+) -> tuple[float, ...]:
+  if sigma_rels is not None and gammas is not None:
+    raise ValueError("Give `sigma_rels` or `gammas`, not both.")
+  if gammas is None:
+    values = (0.05, 0.10) if sigma_rels is None else sigma_rels
+    out = tuple(_schedules.sigma_rel_to_gamma(s) for s in values)
+  else:
+    out = tuple(float(g) for g in gammas)
+    for g in out:
+      _schedules.gamma_to_sigma_rel(g)  # raises for gamma <= -1
+  if not out:
+    raise ValueError("Track at least one power-function EMA (two are usual).")
+  return out
+
+
+def _gamma(sigma_rel: float | None, gamma: float | None) -> float:
+  if (sigma_rel is None) == (gamma is None):
+    raise ValueError("Give exactly one of `sigma_rel` and `gamma`.")
+  return _gammas(
+      None if sigma_rel is None else [sigma_rel],
+      None if gamma is None else [gamma],
+  )[0]
+
+
+def _correlation(
+    a_ofs: np.ndarray, a_exp: np.ndarray, b_ofs: np.ndarray, b_exp: np.ndarray
+) -> np.ndarray:
+  # EDM2's power_function_correlation (Eq. 151, Algorithm 3), on exponents.
+  t_ratio = a_ofs / b_ofs
+  t_exp = np.where(a_ofs < b_ofs, b_exp, -a_exp)
+  t_max = np.maximum(a_ofs, b_ofs)
+  num = (a_exp + 1) * (b_exp + 1) * t_ratio**t_exp
+  den = (a_exp + b_exp + 1) * t_max
+  return num / den
+
+
+def solve_weights(
+    in_steps: Any, in_gammas: Any, out_steps: Any, out_gammas: Any
+) -> np.ndarray:
+  """Least-squares weights that combine power-function EMAs into others.
+
+  A port of EDM2's `solve_posthoc_coefficients` (Algorithm 3), in float64: the
+  profile `(gamma + 1) tau**gamma / t**(gamma + 1)` on `[0, t]` of each output
+  is projected onto the span of the input profiles, and each column is
+  normalised to sum to 1 so that a constant is reproduced exactly.
+
+  Args:
+    in_steps: the step `t` of each input EMA (e.g. of each snapshot), > 0.
+    in_gammas: the exponent of each input EMA, broadcast against `in_steps`.
+    out_steps: the step of each wanted EMA.
+    out_gammas: the exponent of each wanted EMA, broadcast against
+      `out_steps`.
+
+  Returns:
+    A float64 array `[num_inputs, num_outputs]`: output `j` is
+    `sum_i w[i, j] * input_i`.
+
+  Examples:
+    >>> import numpy as np, ema_jax
+    >>> g1, g2 = ema_jax.sigma_rel_to_gamma(0.05), ema_jax.sigma_rel_to_gamma(0.10)
+    >>> w = ema_jax.posthoc.solve_weights([1000, 1000], [g1, g2], 1000, g2)
+    >>> w[:, 0].round(6)  # an input reproduces itself
+    array([0., 1.])
+  """
+  in_steps, in_gammas = np.broadcast_arrays(in_steps, in_gammas)
+  out_steps, out_gammas = np.broadcast_arrays(out_steps, out_gammas)
+  rv = lambda x: np.float64(x).reshape(-1, 1)  # noqa: E731
+  cv = lambda x: np.float64(x).reshape(1, -1)  # noqa: E731
+  if np.any(rv(in_steps) <= 0) or np.any(cv(out_steps) <= 0):
+    raise ValueError("Steps must be > 0: a power-function EMA starts at step 1.")
+  a = _correlation(rv(in_steps), rv(in_gammas), cv(in_steps), cv(in_gammas))
+  b = _correlation(rv(in_steps), rv(in_gammas), cv(out_steps), cv(out_gammas))
+  x = np.linalg.solve(a, b)
+  return x / np.sum(x, axis=0)
+
+
+def _stacked_sharding(sharding: Any) -> Any:
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+  return sharding
+
+
+def _as_saved(e: Any, dtype: np.dtype) -> Any:
+  # Always a fresh buffer: the caller may donate its optimizer state to the
+  # next step while Orbax still writes this one in the background.
+  if _multi._is_stacked(e):
+    return jnp.array(e, dtype=dtype, copy=True)
+  return e if e is None else jnp.array(e, copy=True)
+
+
+class Snapshotter:
+  """Tracks power-function EMAs and saves them every `every` steps through Orbax.
+
+  `ema()` gives the transformation to put last in your `optax.chain`: a
+  `multi_ema` of one `power_decay` per width, with the step counted in
+  optimizer updates and EDM2's `(1 - k / t) ** (gamma + 1)` when averaging
+  every `k` updates. `maybe_save(opt_state)` after each step writes a snapshot
+  of all the tracked EMAs at steps `every, 2 * every, ...`, in `dtype`. Each
+  snapshot is an Orbax checkpoint (`directory/<step>`) holding the stacked
+  averages, sharded as in training, and a JSON record of the step and the
+  exponents, so `synthesize` needs nothing else. Saving is asynchronous by
+  default; call `wait_until_finished()` or `close()` (or use `with`) before
+  reading the snapshots from another process.
+
+  Args:
+    directory: where the snapshots go (created if missing). Snapshots already
+      there are kept; a step that already has one is not written again, so a
+      resumed run can use the same directory.
+    every: save every `every` optimizer updates; a multiple of
+      `update_every`. EDM2 uses about 1/10 to 1/100 of training per snapshot.
+    sigma_rels: the widths to track, default `(0.05, 0.10)` as in EDM2.
+    gammas: or the exponents instead of the widths.
+    update_every: average every `update_every`-th update only (cheaper); the
+      decay is compensated so the profiles do not change.
+    dtype: the dtype of the saved averages, float32 by default. float16
+      halves the disk but costs accuracy: its rounding is multiplied by the
+      (large, alternating) weights of the synthesis.
+    which: with several EMA states in the optimizer state, which one is the
+      tracker (as in `ema_jax.ema_params`).
+    async_save: write in a background thread (Orbax's asynchronous
+      checkpointing).
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, optax, ema_jax
+    >>> directory = tempfile.mkdtemp()
+    >>> snapshotter = ema_jax.posthoc.Snapshotter(directory, every=2)
+    >>> tx = optax.chain(optax.sgd(0.1), snapshotter.ema())
+    >>> params = {"w": jnp.zeros(2)}
+    >>> opt_state = tx.init(params)
+    >>> for step in range(1, 5):
+    ...   updates, opt_state = tx.update({"w": -jnp.ones(2)}, opt_state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   saved = snapshotter.maybe_save(opt_state)
+    >>> snapshotter.close()
+    >>> snapshotter.steps
+    (2, 4)
+    >>> # A tracked width comes back as it was tracked:
+    >>> ema = ema_jax.posthoc.synthesize(directory, sigma_rel=0.10)
+    >>> ema["w"], ema_jax.ema_params(opt_state, 1)["w"]
+    (Array([0.3..., 0.3...], dtype=float32), Array([0.3..., 0.3...], dtype=float32))
+  """
+
+  def __init__(
+      self,
+      directory: PathLike,
+      *,
+      every: int,
+      sigma_rels: Sequence[float] | None = None,
+      gammas: Sequence[float] | None = None,
+      update_every: int = 1,
+      dtype: Any = jnp.float32,
+      which: int | None = None,
+      async_save: bool = True,
+  ):
+    self.gammas = _gammas(sigma_rels, gammas)
+    self.update_every = _ema._check_int("update_every", update_every, 1)
+    self.every = _ema._check_int("every", every, 1)
+    if self.every % self.update_every:
+      raise ValueError(
+          f"`every` ({self.every}) must be a multiple of `update_every` "
+          f"({self.update_every}), so that each snapshot holds an EMA that is "
+          "up to date."
+      )
+    try:
+      self.dtype = np.dtype(dtype)
+    except TypeError:
+      raise TypeError(f"`dtype` is not a dtype: {dtype!r}.") from None
+    if not jnp.issubdtype(self.dtype, jnp.floating):
+      raise ValueError(f"`dtype` must be a floating dtype, got {self.dtype}.")
+    self.which = which
+    self.directory = os.fspath(directory)
+    ocp = _orbax()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=None,
+            create=True,
+            enable_async_checkpointing=bool(async_save),
+        ),
+    )
+    # all_steps() lists finished snapshots only; this also has those under way.
+    self._saved = set(self._manager.all_steps())
+
+  @property
+  def sigma_rels(self) -> tuple[float, ...]:
+    """The widths tracked, from `gammas`."""
+    return tuple(_schedules.gamma_to_sigma_rel(g) for g in self.gammas)
+
+  @property
+  def steps(self) -> tuple[int, ...]:
+    """The steps of the snapshots written so far (finished ones), ascending."""
+    self._manager.reload()
+    return tuple(sorted(self._manager.all_steps()))
+
+  def ema(
+      self, *, ema_dtype: Any = None, mask: _tree.MaskOrFn = None
+  ) -> optax.GradientTransformation:
+    """The power-function EMAs to track, as a `multi_ema` to put last in a chain.
+
+    Args:
+      ema_dtype: the dtype of the averages, as in `ema_jax.ema`.
+      mask: which floating leaves to average, as in `ema_jax.ema`.
+
+    Returns:
+      `ema_jax.multi_ema([power_decay(gamma=g) for g in self.gammas],
+      update_every=self.update_every, ...)`.
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp, ema_jax
+      >>> snapshotter = ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10)
+      >>> state = snapshotter.ema().init({"w": jnp.zeros(3)})
+      >>> state.ema["w"].shape  # sigma_rel 0.05 and 0.10, stacked
+      (2, 3)
+    """
+    return _multi.multi_ema(
+        [_schedules.power_decay(gamma=g) for g in self.gammas],
+        update_every=self.update_every,
+        ema_dtype=ema_dtype,
+        mask=mask,
+    )
+
+  def _state(self, opt_state: Any) -> _multi.MultiEmaState:
+    _, found = _swap._find(opt_state, self.which)
+    if not isinstance(found, _multi.MultiEmaState):
+      raise ValueError(
+          f"The EMA state found is a {type(found).__name__}, not the "
+          "`MultiEmaState` of `Snapshotter.ema()`"
+          + (" (swap back before saving)." if "Swapped" in type(found).__name__
+             else "; pass `which=` to pick it.")
+      )
+    n = _multi._num_averages(found)
+    if n != len(self.gammas):
+      raise ValueError(
+          f"The multi-EMA state holds {n} averages but the snapshotter tracks "
+          f"{len(self.gammas)}; build the optimizer with `snapshotter.ema()`."
+      )
+    return found
+
+  def maybe_save(self, opt_state: Any, step: int | None = None) -> bool:
+    """Save a snapshot if the step is a multiple of `every`.
+
+    Args:
+      opt_state: the optimizer state holding the tracked EMAs.
+      step: the number of optimizer updates done, if you have it as a Python
+        int; otherwise it is read from the state (a device-to-host transfer
+        each call).
+
+    Returns:
+      Whether a snapshot was written (or started, when saving asynchronously).
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp, ema_jax
+      >>> snapshotter = ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10)
+      >>> state = snapshotter.ema().init({"w": jnp.zeros(3)})
+      >>> snapshotter.maybe_save(state)  # step 0: nothing to save yet
+      False
+    """
+    if step is None:
+      step = int(self._state(opt_state).count)
+    if step <= 0 or step % self.every:
+      return False
+    return self.save(opt_state) is not None
+
+  def save(self, opt_state: Any) -> int | None:
+    """Save a snapshot now, whatever the step.
+
+    Args:
+      opt_state: the optimizer state holding the tracked EMAs.
+
+    Returns:
+      The step saved, or `None` when this step already has a snapshot.
+
+    Raises:
+      ValueError: at step 0, or between two updates of the EMAs when
+        `update_every > 1` (the snapshot would be stale).
+
+    Examples:
+      >>> import tempfile, jax.numpy as jnp, ema_jax
+      >>> snapshotter = ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10)
+      >>> tx = snapshotter.ema()
+      >>> params = {"w": jnp.zeros(3)}
+      >>> _, state = tx.update(params, tx.init(params), params)
+      >>> snapshotter.save(state), snapshotter.save(state)
+      (1, None)
+      >>> snapshotter.close()
+    """
+    state = self._state(opt_state)
+    step = int(state.count)
+    if step <= 0 or step % self.update_every:
+      raise ValueError(
+          f"Cannot snapshot at step {step}: "
+          + ("no update yet." if step <= 0 else
+             f"the EMAs were last updated at step "
+             f"{step - step % self.update_every} (`update_every="
+             f"{self.update_every}`).")
+      )
+    if step in self._saved:
+      return None
+    self._saved.add(step)
+    leaves = jax.tree.leaves(state.ema, is_leaf=lambda x: x is None)
+    meta = {
+        "format": _FORMAT,
+        "step": step,
+        "gammas": list(self.gammas),
+        "dtype": self.dtype.name,
+        "num_leaves": len(leaves),
+        "skipped": [i for i, e in enumerate(leaves) if e is None],
+    }
+    ocp = _orbax()
+    tree = jax.tree.map(
+        lambda e: _as_saved(e, self.dtype), state.ema,
+        is_leaf=lambda x: x is None,
+    )
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            # Wrapped: Orbax's standard handler refuses a bare array.
+            ema=ocp.args.StandardSave({"ema": tree}),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+    return step
+
+  def wait_until_finished(self) -> None:
+    """Block until every snapshot started is on disk.
+
+    Examples:
+      >>> import tempfile, ema_jax
+      >>> ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10).wait_until_finished()
+    """
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finish writing and release Orbax's resources.
+
+    Examples:
+      >>> import tempfile, ema_jax
+      >>> ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10).close()
+    """
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Snapshotter":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+def _orbax() -> Any:
+  try:
+    import orbax.checkpoint as ocp
+  except ImportError:
+    raise ImportError(
+        "ema_jax.posthoc saves snapshots with Orbax: `pip install "
+        "orbax-checkpoint` (or `pip install ema_jax[flax]`)."
+    ) from None
+  return ocp
+
+
+class _Reader:
+  """The snapshots of one directory: their records, and one at a time."""
+
+  def __init__(self, snapshots: Any):
+    if isinstance(snapshots, Snapshotter):
+      snapshots.wait_until_finished()
+      snapshots = snapshots.directory
+    if not isinstance(snapshots, (str, os.PathLike)):
+      raise TypeError(
+          "`snapshots` must be a directory written by `Snapshotter` (or the "
+          f"Snapshotter), got {type(snapshots).__name__}."
+      )
+    self.directory = os.fspath(snapshots)
+    if not os.path.isdir(self.directory):
+      raise ValueError(f"`snapshots`: no directory {self.directory!r}.")
+    self._ocp = _orbax()
+    self._manager = self._ocp.CheckpointManager(self.directory)
+    self.meta: dict[int, dict[str, Any]] = {}
+    for step in sorted(self._manager.all_steps()):
+      restored = self._manager.restore(
+          step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+      )
+      meta = dict(restored.meta)
+      if meta.get("format") != _FORMAT:
+        raise ValueError(
+            f"{self.directory}/{step} is not an ema_jax.posthoc snapshot "
+            f"(format {meta.get('format')!r})."
+        )
+      self.meta[step] = meta
+    if not self.meta:
+      raise ValueError(
+          f"No snapshots in {self.directory!r}: call `Snapshotter.maybe_save` "
+          "during training (and `close()` it before synthesizing)."
+      )
+
+  def target(self, step: int, like: Any) -> Any:
+    """Orbax's restore target for snapshot `step`, shaped and sharded after `like`."""
+    if like is None:
+      return None
+    meta = self.meta[step]
+    leaves, treedef = jax.tree.flatten(like, is_leaf=lambda x: x is None)
+    if len(leaves) != meta["num_leaves"]:
+      raise ValueError(
+          f"`like` has {len(leaves)} leaves but the snapshots were taken of "
+          f"params with {meta['num_leaves']}; pass the params (or their "
+          "`jax.ShapeDtypeStruct`s) of the model that was trained."
+      )
+    skipped = set(meta["skipped"])
+    n = len(meta["gammas"])
+    out: list[Any] = []
+    for i, leaf in enumerate(leaves):
+      if i in skipped or leaf is None:
+        out.append(None)
+        continue
+      sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(
+          jax.devices()[0]
+      )
+      shape, dtype = jnp.shape(leaf), _tree._dtype(leaf)
+      if _tree.is_float(leaf):
+        out.append(jax.ShapeDtypeStruct(
+            (n, *shape), np.dtype(meta["dtype"]),
+            sharding=_stacked_sharding(sharding),
+        ))
+      else:
+        out.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
+    return jax.tree.unflatten(treedef, out)
+
+  def restore(self, step: int, like: Any) -> Any:
+    target = self.target(step, like)
+    restore = (
+        self._ocp.args.StandardRestore()
+        if target is None
+        else self._ocp.args.StandardRestore({"ema": target})
+    )
+    return self._manager.restore(
+        step, args=self._ocp.args.Composite(ema=restore)
+    ).ema["ema"]
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+@jax.jit
+def _combine(stacks: list[jax.Array], w: jax.Array) -> list[jax.Array]:
+  out = []
+  for s in stacks:
+    dtype = jnp.promote_types(s.dtype, jnp.float32)
+    wd = w.astype(dtype)
+    total = wd[0] * s[0].astype(dtype)
+    for j in range(1, s.shape[0]):
+      total = total + wd[j] * s[j].astype(dtype)
+    out.append(total)
+  return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _accumulate(
+    acc: list[jax.Array], stacks: list[jax.Array], w: jax.Array
+) -> list[jax.Array]:
+  return [a + c for a, c in zip(acc, _combine(stacks, w))]
+
+
+def _synthesize(
+    reader: _Reader, gamma: float, step: int | None, like: Any
+) -> Any:
+  steps = sorted(reader.meta)
+  if step is None:
+    step = steps[-1]
+  if step not in reader.meta:
+    raise ValueError(
+        f"`step={step}` has no snapshot; the snapshot steps are {steps} "
+        "(EDM2 synthesizes at a snapshot step: later steps are not recorded)."
+    )
+  used = [s for s in steps if s <= step]
+  in_steps = [s for s in used for _ in reader.meta[s]["gammas"]]
+  in_gammas = [g for s in used for g in reader.meta[s]["gammas"]]
+  weights = solve_weights(in_steps, in_gammas, step, gamma)[:, 0]
+  offsets = np.cumsum([0] + [len(reader.meta[s]["gammas"]) for s in used])
+
+  acc: list[jax.Array] | None = None
+  for k, s in enumerate(used):
+    # One snapshot in memory at a time: the previous one is dropped here.
+    tree = reader.restore(s, like)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+    stacked = [i for i, e in enumerate(leaves) if _multi._is_stacked(e)]
+    w = jnp.asarray(weights[offsets[k]:offsets[k + 1]], jnp.float32)
+    stacks = [leaves[i] for i in stacked]
+    acc = _combine(stacks, w) if acc is None else _accumulate(acc, stacks, w)
+    del tree, stacks
+  assert acc is not None
+  # Carried (integer) leaves come from the snapshot of the step asked for.
+  for i, a in zip(stacked, acc):
+    leaves[i] = a
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def synthesize(
+    snapshots: PathLike | Snapshotter,
+    sigma_rel: float | None = None,
+    *,
+    gamma: float | None = None,
+    step: int | None = None,
+    like: Any = None,
+) -> Any:
+  """The power-function EMA of any width at a snapshot step, from the snapshots.
+
+  Solves EDM2's least squares for the weights of the snapshots taken up to
+  `step` (in float64, `solve_weights`) and adds the weighted snapshots up leaf
+  by leaf on the devices, reading one snapshot at a time (Orbax restores it
+  with the shardings it was saved with, or those of `like`), so memory holds
+  the result and one snapshot, whatever their number. The sum is computed in
+  float32 (or the snapshot dtype, if wider).
+
+  Args:
+    snapshots: the directory a `Snapshotter` wrote, or the Snapshotter.
+    sigma_rel: the width of the EMA wanted, in (0, 0.2887); EDM2 finds good
+      values between 0.05 and 0.25.
+    gamma: or its exponent.
+    step: a snapshot step; default the last one.
+    like: optional, the params (or `jax.ShapeDtypeStruct`s with shardings) of
+      the model: the result then has their tree structure and shardings (the
+      snapshots are restored with those shardings). Without it, the
+      snapshots' own shardings and Orbax's containers (dicts, lists) are used.
+
+  Returns:
+    A tree like the params: floating leaves are the synthesized EMA (float32
+    with float32 snapshots), integer leaves the values saved at `step`, masked
+    leaves `None`.
+
+  Raises:
+    ValueError: for a `step` without snapshot, a bad width, or `like` with
+      another number of leaves.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, optax, ema_jax
+    >>> directory = tempfile.mkdtemp()
+    >>> with ema_jax.posthoc.Snapshotter(directory, every=10) as snapshotter:
+    ...   tx = snapshotter.ema()  # sigma_rel 0.05 and 0.10
+    ...   params = jnp.zeros(2)
+    ...   state = tx.init(params)
+    ...   for step in range(100):
+    ...     params = params + 1.0  # the params after update t are t
+    ...     _, state = tx.update(jnp.zeros(2), state, params)
+    ...     _ = snapshotter.maybe_save(state)
+    >>> # The power EMA of width 0.2 (gamma 1.83) weighs step tau by about
+    >>> # tau**gamma, so it lags behind t = 100; tracking it during training
+    >>> # would give 74.36, and ten snapshots of two narrower EMAs give:
+    >>> ema_jax.posthoc.synthesize(directory, sigma_rel=0.2).round(2)
+    Array([74.85, 74.85], dtype=float32)
+    >>> # At step 50 from five snapshots (tracking it would give 37.43):
+    >>> ema_jax.posthoc.synthesize(directory, sigma_rel=0.2, step=50).round(2)
+    Array([38.37, 38.37], dtype=float32)
+  """
+  target = _gamma(sigma_rel, gamma)
+  reader = _Reader(snapshots)
+  try:
+    return _synthesize(reader, target, step, like)
+  finally:
+    reader.close()
+
+
+class SweepResult(NamedTuple):
+  """What `sweep` found.
+
+  Attributes:
+    best_sigma_rel: the width with the best score.
+    best_score: its score.
+    scores: every width tried, mapped to its score, in the order given.
+    best_params: the synthesized EMA of the best width.
+  """
+
+  best_sigma_rel: float
+  best_score: float
+  scores: dict[float, float]
+  best_params: Any
+
+
+def sweep(
+    snapshots: PathLike | Snapshotter,
+    sigma_rels: Sequence[float],
+    metric: Callable[[Any], float],
+    *,
+    step: int | None = None,
+    like: Any = None,
+    higher_is_better: bool = True,
+) -> SweepResult:
+  """Synthesize the EMA of each width, score it with `metric`, keep the best.
+
+  The EMA-length search of EDM2 (their Fig. 5): `metric(params)` is your
+  validation accuracy, loss or FID. Widths are synthesized one at a time, so
+  memory holds at most the best EMA, the current one and one snapshot.
+
+  Args:
+    snapshots: the directory a `Snapshotter` wrote, or the Snapshotter.
+    sigma_rels: the widths to try, each in (0, 0.2887).
+    metric: a function of the params returning a number.
+    step: a snapshot step; default the last one.
+    like: as in `synthesize`.
+    higher_is_better: `True` for accuracies, `False` for losses.
+
+  Returns:
+    A `SweepResult`.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, ema_jax
+    >>> directory = tempfile.mkdtemp()
+    >>> with ema_jax.posthoc.Snapshotter(directory, every=10) as snapshotter:
+    ...   tx = snapshotter.ema()
+    ...   params = jnp.zeros(())
+    ...   state = tx.init(params)
+    ...   for step in range(100):
+    ...     params = params + 1.0
+    ...     _, state = tx.update(jnp.zeros(()), state, params)
+    ...     _ = snapshotter.maybe_save(state)
+    >>> # The EMA closest to 90: longer EMAs lag more behind t = 100.
+    >>> result = ema_jax.posthoc.sweep(
+    ...     directory, [0.05, 0.1, 0.2], lambda p: -abs(float(p) - 90.0))
+    >>> result.best_sigma_rel, round(float(result.best_params), 1)
+    (0.1, 89.3)
+  """
+  values = [float(s) for s in sigma_rels]
+  if not values:
+    raise ValueError("`sigma_rels` is empty; give the widths to try.")
+  gammas = [_gamma(s, None) for s in values]
+  reader = _Reader(snapshots)
+  sign = 1.0 if higher_is_better else -1.0
+  scores: dict[float, float] = {}
+  best: tuple[float, float, Any] | None = None
+  try:
+    for s, g in zip(values, gammas):
+      params = _synthesize(reader, g, step, like)
+      score = float(metric(params))
+      scores[s] = score
+      if best is None or (not math.isnan(score) and (
+          math.isnan(best[1]) or sign * score > sign * best[1])):
+        best = (s, score, params)
+      del params
+  finally:
+    reader.close()
+  assert best is not None
+  return SweepResult(best[0], best[1], scores, best[2])
