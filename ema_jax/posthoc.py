@@ -523,19 +523,22 @@ def _synthesize(
 
   acc: list[jax.Array] | None = None
   for k, s in enumerate(used):
-    # One snapshot in memory at a time: the previous one is dropped here.
-    tree = reader.restore(s, like)
-    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+    leaves, treedef = jax.tree.flatten(
+        reader.restore(s, like), is_leaf=lambda x: x is None
+    )
     stacked = [i for i, e in enumerate(leaves) if _multi._is_stacked(e)]
-    w = jnp.asarray(weights[offsets[k]:offsets[k + 1]], jnp.float32)
     stacks = [leaves[i] for i in stacked]
+    # Carried (integer) leaves come from the last snapshot, the one of `step`.
+    out = [None if i in stacked else e for i, e in enumerate(leaves)]
+    # Hold one snapshot at a time: drop it before reading the next.
+    del leaves
+    w = jnp.asarray(weights[offsets[k]:offsets[k + 1]], jnp.float32)
     acc = _combine(stacks, w) if acc is None else _accumulate(acc, stacks, w)
-    del tree, stacks
+    del stacks
   assert acc is not None
-  # Carried (integer) leaves come from the snapshot of the step asked for.
   for i, a in zip(stacked, acc):
-    leaves[i] = a
-  return jax.tree.unflatten(treedef, leaves)
+    out[i] = a
+  return jax.tree.unflatten(treedef, out)
 
 
 def synthesize(

@@ -1,0 +1,438 @@
+"""Power-function EMA profiles and post-hoc EMA, against numpy written from EDM2.
+
+The references here are written from the published formulas (Karras et al.,
+EDM2, CVPR 2024, Eqs. 3, 121, 127 and Algorithm 3) in float64 and do not call
+`ema_jax`: gamma from sigma_rel by bisection on Eq. 3, inner products of
+profiles from the integral `int_0^min(t_a, t_b) f_a f_b`, written in a form
+other than the one `ema_jax.posthoc` uses.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import ema_jax
+from ema_jax import _ema
+from ema_jax import posthoc
+
+
+# --- independent float64 references ------------------------------------------
+
+
+def ref_gamma(sigma_rel: float) -> float:
+  """Eq. 3 inverted by bisection: sigma_rel**2 = (g+1) / ((g+2)**2 (g+3))."""
+  sigma = lambda g: np.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+  lo, hi = 0.0, 1e4  # sigma decreases on [0, inf)
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if sigma(mid) > sigma_rel else (lo, mid)
+  return 0.5 * (lo + hi)
+
+
+def ref_inner(t_a, g_a, t_b, g_b):
+  """int_0^min(t_a,t_b) (g_a+1) s^g_a / t_a^(g_a+1) * (g_b+1) s^g_b / t_b^(g_b+1) ds."""
+  m = min(t_a, t_b)
+  return (
+      (g_a + 1) * (g_b + 1) * m ** (g_a + g_b + 1)
+      / ((g_a + g_b + 1) * t_a ** (g_a + 1) * t_b ** (g_b + 1))
+  )
+
+
+def ref_weights(inputs, t_out, g_out):
+  """Algorithm 3: solve the normal equations, normalise to sum 1."""
+  a = np.array([[ref_inner(*i, *j) for j in inputs] for i in inputs])
+  b = np.array([ref_inner(*i, t_out, g_out) for i in inputs])
+  x = np.linalg.solve(a, b)
+  return x / x.sum()
+
+
+def ref_track(traj, gamma, update_every=1):
+  """EDM2's PowerFunctionEMA in float64: beta = (1 - dt/t)^(gamma+1), Eq. 127.
+
+  `traj[t - 1]` are the params after optimizer step t. Returns the EMA after
+  each step (stale between updates when update_every > 1).
+  """
+  e = np.zeros(traj.shape[1:])
+  out = []
+  for t in range(1, len(traj) + 1):
+    if t % update_every == 0:
+      beta = (1 - update_every / t) ** (gamma + 1)
+      e = beta * e + (1 - beta) * traj[t - 1]
+    out.append(e.copy())
+  return np.stack(out)
+
+
+def karras_ema_pytorch(traj, gamma, update_every):
+  """ema-pytorch's KarrasEMA.update() loop (post_hoc_ema.py, quoted in the notes)."""
+  step, ema, initted = 0, None, False
+  for c in range(len(traj)):
+    p = traj[c]  # the params after optimizer step c + 1
+    k = step
+    step += 1
+    if k % update_every != 0:
+      continue
+    if not initted:
+      ema, initted = p.copy(), True
+    beta = (1.0 - 1.0 / (step + 1.0)) ** (1.0 + gamma)
+    ema = ema + (1 - beta) * (p - ema)
+  return ema
+
+
+def rel_width(weights):
+  """sigma_rel of a profile over steps 1..T: its std over its end step T."""
+  tau = np.arange(1, len(weights) + 1, dtype=np.float64)
+  w = weights / weights.sum()
+  mean = w @ tau
+  return np.sqrt(w @ (tau - mean) ** 2) / len(weights)
+
+
+# --- power-function profiles --------------------------------------------------
+
+
+def test_sigma_rel_and_gamma_agree_with_the_bisection():
+  for s in (0.03, 0.05, 0.1, 0.15, 0.2, 0.25, 0.28):
+    assert ema_jax.sigma_rel_to_gamma(s) == pytest.approx(ref_gamma(s), rel=1e-9)
+
+
+@pytest.mark.parametrize("update_every", [1, 4, 10])
+def test_power_decay_with_update_every_is_edm2_beta(update_every):
+  gamma = ema_jax.sigma_rel_to_gamma(0.1)
+  rule = jax.jit(
+      _ema.schedule_rule(ema_jax.power_decay(gamma=gamma), 0, update_every)
+  )
+  for count in [0, 1, 2, 3, 8, 9, 10, 19, 99, 999, 9_999, 99_999]:
+    active, decay = rule(jnp.int32(count))
+    t = count + 1  # optimizer steps done after this update
+    assert bool(active) == (t % update_every == 0)
+    if t % update_every == 0:
+      want = (1 - update_every / t) ** (gamma + 1)  # EDM2 Eq. 127
+      assert float(decay) == pytest.approx(want, rel=2e-5, abs=1e-7), count
+
+
+def _profile(tx, steps):
+  """The weights an EMA gives each step: run it on one-hot params."""
+  eye = jnp.eye(steps, dtype=jnp.float32)
+  state = tx.init(jnp.zeros(steps))
+  step = jax.jit(lambda s, p: tx.update(jnp.zeros(steps), s, p)[1])
+  for t in range(steps):
+    state = step(state, eye[t])
+  return np.asarray(state.ema, np.float64)
+
+
+@pytest.mark.parametrize("update_every", [1, 10])
+def test_profile_in_optimizer_steps_matches_edm2_and_ema_pytorch_karras_is_off(
+    update_every,
+):
+  steps, sigma = 400, 0.1
+  gamma = ref_gamma(sigma)
+  eye = np.eye(steps)
+  ours = _profile(
+      ema_jax.ema(ema_jax.power_decay(sigma_rel=sigma), update_every=update_every),
+      steps,
+  )
+  edm2 = ref_track(eye, gamma, update_every)[-1]
+  np.testing.assert_allclose(ours, edm2, atol=2e-6)
+  # Sampling every 10th step coarsens the profile a little, but keeps its width.
+  assert rel_width(ours) == pytest.approx(sigma, rel=0.03)
+  karras = karras_ema_pytorch(eye, gamma, update_every)
+  if update_every == 1:
+    # One step late: (1 - 1/(t+1)) instead of (1 - 1/t), nearly harmless.
+    assert rel_width(karras) == pytest.approx(sigma, rel=0.03)
+  else:
+    # Its beta ignores update_every: gamma + 1 shrinks k-fold in effect, so the
+    # profile is about three times as wide as asked.
+    assert rel_width(karras) > 2.5 * sigma
+
+
+# --- post-hoc EMA on a known trajectory ------------------------------------
+
+
+STEPS, EVERY, DIM = 1000, 100, 64
+TRACKED = (0.05, 0.10)
+WANTED = (0.05, 0.075, 0.10, 0.15, 0.20, 0.25)
+
+
+@pytest.fixture(scope="module")
+def walk(tmp_path_factory):
+  """A random walk, tracked by ema_jax with snapshots in float32 and float16."""
+  rng = np.random.default_rng(0)
+  traj = np.cumsum(rng.normal(size=(STEPS, DIM)), axis=0).astype(np.float32)
+  dirs = {
+      name: tmp_path_factory.mktemp(f"snapshots_{name}") for name in ("f32", "f16")
+  }
+  snap32 = posthoc.Snapshotter(dirs["f32"], every=EVERY, sigma_rels=TRACKED)
+  snap16 = posthoc.Snapshotter(
+      dirs["f16"], every=EVERY, sigma_rels=TRACKED, dtype=jnp.float16
+  )
+  tx = snap32.ema()
+  state = tx.init(jnp.zeros(DIM))
+  # Zero updates: the EMAs see `params`, exactly the trajectory.
+  step = jax.jit(lambda s, p: tx.update(jnp.zeros(DIM), s, p)[1])
+  for t in range(1, STEPS + 1):
+    state = step(state, jnp.asarray(traj[t - 1]))
+    snap32.maybe_save(state, step=t)
+    snap16.maybe_save(state, step=t)
+  snap32.close()
+  snap16.close()
+  return traj.astype(np.float64), dirs, state
+
+
+def ref_synthesize(traj, sigma, step):
+  """EDM2's post-hoc reconstruction in float64 from float64 snapshots."""
+  tracks = {s: ref_track(traj, ref_gamma(s)) for s in TRACKED}
+  inputs, values = [], []
+  for t in range(EVERY, step + 1, EVERY):
+    for s in TRACKED:
+      inputs.append((t, ref_gamma(s)))
+      values.append(tracks[s][t - 1])
+  x = ref_weights(inputs, step, ref_gamma(sigma))
+  return x @ np.stack(values)
+
+
+def rms(x):
+  return float(np.sqrt(np.mean(np.square(x))))
+
+
+@pytest.mark.parametrize("step", [STEPS, 500])
+def test_synthesis_matches_edm2_in_float64_and_beats_float16(walk, step):
+  traj, dirs, _ = walk
+  scale = rms(traj[:step])
+  for sigma in WANTED:
+    direct = ref_track(traj, ref_gamma(sigma))[step - 1]
+    ref = ref_synthesize(traj, sigma, step)
+    ours = np.asarray(posthoc.synthesize(dirs["f32"], sigma, step=step), np.float64)
+    ours16 = np.asarray(posthoc.synthesize(dirs["f16"], sigma, step=step), np.float64)
+    limit = rms(ref - direct)  # what the algorithm itself gets on these snapshots
+    dev, dev16 = rms(ours - ref), rms(ours16 - ref)
+    # float32 snapshots and sums: within float32 rounding of the float64 result,
+    # so as close to the tracked EMA as the float64 algorithm gets.
+    assert dev < 2e-6 * scale, (sigma, dev, scale)
+    assert rms(ours - direct) <= limit + 2e-6 * scale
+    if sigma not in TRACKED:
+      assert dev < 2e-3 * limit, (sigma, dev, limit)
+    # float16 snapshots lose far more than float32 ones.
+    assert dev16 > 30 * dev, (sigma, dev16, dev)
+
+
+def test_tracked_widths_come_back_and_output_is_float32(walk):
+  _, dirs, state = walk
+  for i, sigma in enumerate(TRACKED):
+    got = posthoc.synthesize(dirs["f32"], sigma_rel=sigma)
+    assert got.dtype == jnp.float32 and got.shape == (DIM,)
+    np.testing.assert_allclose(got, ema_jax.ema_params(state, i), rtol=0, atol=2e-5)
+
+
+def test_solve_weights_matches_the_integral_form():
+  rng = np.random.default_rng(1)
+  inputs = [(t, ref_gamma(s)) for t in (100, 200, 350, 500) for s in TRACKED]
+  for _ in range(5):
+    t_out = float(rng.choice([200, 350, 500]))
+    g_out = ref_gamma(float(rng.uniform(0.05, 0.25)))
+    want = ref_weights(inputs, t_out, g_out)
+    got = posthoc.solve_weights(
+        [t for t, _ in inputs], [g for _, g in inputs], t_out, g_out
+    )
+    assert got.dtype == np.float64 and got.shape == (len(inputs), 1)
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-8, atol=1e-10)
+
+
+def test_one_snapshot_in_memory_at_a_time(walk, monkeypatch):
+  _, dirs, _ = walk
+  restore = posthoc._Reader.restore
+  previous: list[weakref.ref] = []
+  alive_at_restore = []
+
+  def tracking_restore(self, step, like):
+    gc.collect()
+    alive_at_restore.append(sum(r() is not None for r in previous))
+    tree = restore(self, step, like)
+    previous.clear()
+    previous.extend(weakref.ref(x) for x in jax.tree.leaves(tree))
+    return tree
+
+  monkeypatch.setattr(posthoc._Reader, "restore", tracking_restore)
+  posthoc.synthesize(dirs["f32"], sigma_rel=0.15)
+  assert len(alive_at_restore) == STEPS // EVERY
+  assert alive_at_restore == [0] * len(alive_at_restore)
+
+
+# --- trees, shardings, update_every, errors ----------------------------------
+
+
+class Model(NamedTuple):
+  dense: dict
+  count: jax.Array
+  frozen: jax.Array
+
+
+def _model_run(directory, mesh=None, update_every=1, steps=40, every=10):
+  w = jnp.arange(48, dtype=jnp.float32).reshape(8, 6) / 10
+  params = Model({"w": w, "b": jnp.ones(6, jnp.bfloat16)}, jnp.int32(0), jnp.ones(3))
+  if mesh is not None:
+    params = jax.device_put(
+        params,
+        Model(
+            {"w": NamedSharding(mesh, P("data", "model")),
+             "b": NamedSharding(mesh, P("model"))},
+            NamedSharding(mesh, P()),
+            NamedSharding(mesh, P()),
+        ),
+    )
+  snapshotter = posthoc.Snapshotter(directory, every=every, update_every=update_every)
+  mask = Model({"w": True, "b": True}, True, False)
+  tx = optax.chain(optax.identity(), snapshotter.ema(mask=mask))
+  state = tx.init(params)
+
+  @jax.jit
+  def train(params, state):
+    updates = Model(
+        jax.tree.map(lambda x: (-0.01 * jnp.cos(x)).astype(x.dtype), params.dense),
+        jnp.int32(1),
+        jnp.zeros(3),
+    )
+    updates, state = tx.update(updates, state, params)
+    return optax.apply_updates(params, updates), state
+
+  history = []
+  for t in range(1, steps + 1):
+    params, state = train(params, state)
+    history.append(params)
+    snapshotter.maybe_save(state)
+  snapshotter.close()
+  return params, state, history
+
+
+def test_tree_structure_carried_and_masked_leaves(tmp_path):
+  params, state, _ = _model_run(tmp_path)
+  got = posthoc.synthesize(tmp_path, sigma_rel=0.10, like=params)
+  assert isinstance(got, Model)
+  want = ema_jax.ema_params(state[1], 1)
+  np.testing.assert_allclose(got.dense["w"], want.dense["w"], atol=1e-5)
+  np.testing.assert_allclose(got.dense["b"], want.dense["b"], atol=1e-5)
+  assert got.dense["b"].dtype == jnp.float32  # the EMA of bf16 params is f32
+  assert int(got.count) == 40 and got.count.dtype == jnp.int32
+  assert got.frozen is None
+  got20 = posthoc.synthesize(tmp_path, sigma_rel=0.10, step=20, like=params)
+  assert int(got20.count) == 20
+  # Without `like`, Orbax's containers come back, with the same leaves.
+  plain = posthoc.synthesize(tmp_path, sigma_rel=0.10)
+  np.testing.assert_array_equal(
+      np.asarray(plain["dense"]["w"]), np.asarray(got.dense["w"])
+  )
+
+
+def test_shardings_are_kept(tmp_path):
+  mesh = jax.make_mesh(
+      (4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
+  params, state, _ = _model_run(tmp_path, mesh=mesh)
+  stacked = state[1].ema.dense["w"]
+  assert stacked.sharding.spec == P(None, "data", "model")
+  plain = posthoc.synthesize(tmp_path, sigma_rel=0.15)
+  assert plain["dense"]["w"].sharding.is_equivalent_to(params.dense["w"].sharding, 2)
+  got = posthoc.synthesize(tmp_path, sigma_rel=0.15, like=params)
+  assert got.dense["w"].sharding.is_equivalent_to(params.dense["w"].sharding, 2)
+  assert got.dense["b"].sharding.is_equivalent_to(params.dense["b"].sharding, 1)
+  # `like` may ask for other shardings, e.g. to evaluate on a single device.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), params)
+  single = posthoc.synthesize(tmp_path, sigma_rel=0.15, like=like)
+  assert single.dense["w"].sharding == one
+  np.testing.assert_array_equal(np.asarray(single.dense["w"]), np.asarray(got.dense["w"]))
+
+
+def test_update_every_snapshots_match_edm2_with_delta_t(tmp_path):
+  params, state, history = _model_run(tmp_path, update_every=5, steps=60, every=20)
+  traj = np.stack([np.asarray(p.dense["w"], np.float64) for p in history])
+  inputs, values = [], []
+  for t in (20, 40, 60):
+    for s in TRACKED:
+      inputs.append((t, ref_gamma(s)))
+      values.append(ref_track(traj, ref_gamma(s), update_every=5)[t - 1])
+  np.testing.assert_allclose(
+      ema_jax.ema_params(state[1], 0).dense["w"], values[-2], rtol=1e-5
+  )
+  x = ref_weights(inputs, 60, ref_gamma(0.2))
+  got = posthoc.synthesize(tmp_path, sigma_rel=0.2, like=params)
+  want = np.tensordot(x, np.stack(values), axes=1)
+  np.testing.assert_allclose(got.dense["w"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_sweep_returns_the_best_by_the_metric(walk):
+  traj, dirs, _ = walk
+  target = ref_track(traj, ref_gamma(0.15))[-1]
+  loss = lambda p: rms(np.asarray(p, np.float64) - target)
+  result = posthoc.sweep(dirs["f32"], WANTED, loss, higher_is_better=False)
+  assert list(result.scores) == list(WANTED)
+  assert result.best_sigma_rel == min(result.scores, key=result.scores.get) == 0.15
+  assert result.best_score == result.scores[0.15]
+  np.testing.assert_array_equal(
+      result.best_params, posthoc.synthesize(dirs["f32"], sigma_rel=0.15)
+  )
+  worst = posthoc.sweep(dirs["f32"], WANTED, loss)  # higher is better: the worst
+  assert worst.best_sigma_rel == max(result.scores, key=result.scores.get)
+
+
+def test_resume_keeps_snapshots_and_skips_existing_steps(tmp_path):
+  params = jnp.zeros(2)
+  with posthoc.Snapshotter(tmp_path, every=1) as first:
+    tx = first.ema()
+    state = tx.init(params)
+    for _ in range(3):
+      _, state = tx.update(jnp.zeros(2), state, params + 1)
+      assert first.maybe_save(state)
+  with posthoc.Snapshotter(tmp_path, every=1) as again:
+    assert again.steps == (1, 2, 3)
+    assert again.save(state) is None  # step 3 is there already
+    assert not again.maybe_save(state)
+
+
+def test_errors_name_the_argument(tmp_path):
+  with pytest.raises(ValueError, match="multiple of `update_every`"):
+    posthoc.Snapshotter(tmp_path, every=10, update_every=3)
+  with pytest.raises(ValueError, match="not both"):
+    posthoc.Snapshotter(tmp_path, every=10, sigma_rels=[0.1], gammas=[7.0])
+  with pytest.raises(ValueError, match="floating dtype"):
+    posthoc.Snapshotter(tmp_path, every=10, dtype=jnp.int8)
+  with pytest.raises(ValueError, match="sigma_rel"):
+    posthoc.Snapshotter(tmp_path, every=10, sigma_rels=[0.5])
+  snapshotter = posthoc.Snapshotter(tmp_path, every=2, update_every=2)
+  tx = snapshotter.ema()
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="no update yet"):
+    snapshotter.save(state)
+  _, state = tx.update(params, state, params)
+  with pytest.raises(ValueError, match="last updated at step 0"):
+    snapshotter.save(state)
+  other = ema_jax.multi_ema([0.9, 0.99, 0.999]).init(params)
+  with pytest.raises(ValueError, match="holds 3 averages"):
+    snapshotter.save(other)
+  with pytest.raises(ValueError, match="not the `MultiEmaState`"):
+    snapshotter.save(ema_jax.ema(0.9).init(params))
+  _, swapped = ema_jax.swap(params, state, index=0)
+  with pytest.raises(ValueError, match="swap back before saving"):
+    snapshotter.save(swapped)
+  _, state = tx.update(params, state, params)
+  snapshotter.save(state)
+  snapshotter.close()
+  with pytest.raises(ValueError, match=r"`step=3` has no snapshot.*\[2\]"):
+    posthoc.synthesize(tmp_path, sigma_rel=0.1, step=3)
+  with pytest.raises(ValueError, match="exactly one of `sigma_rel` and `gamma`"):
+    posthoc.synthesize(tmp_path, sigma_rel=0.1, gamma=7.0)
+  with pytest.raises(ValueError, match="`like` has 2 leaves"):
+    posthoc.synthesize(tmp_path, sigma_rel=0.1, like=[params, params])
+  with pytest.raises(ValueError, match="no directory"):
+    posthoc.synthesize(tmp_path / "missing", sigma_rel=0.1)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="No snapshots"):
+    posthoc.synthesize(tmp_path / "empty", sigma_rel=0.1)
