@@ -70,8 +70,8 @@ def is_multi_state(x: Any) -> bool:
   return isinstance(x, (MultiEmaState, SwappedMultiEmaState))
 
 
-def _stack(p: jax.Array, n: int, dtype: Any) -> jax.Array:
-  stacked = jnp.broadcast_to(jnp.asarray(p, dtype)[None], (n, *jnp.shape(p)))
+def _stack(p: jax.Array, n: int) -> jax.Array:
+  stacked = jnp.broadcast_to(p[None], (n, *jnp.shape(p)))
   sharding = getattr(p, "sharding", None)
   if isinstance(sharding, NamedSharding) and not isinstance(p, jax.core.Tracer):
     # Shard the leading axis nowhere: one average lives where its param does.
@@ -154,23 +154,16 @@ def multi_ema(
       for i, d in enumerate(decays)
   ]
   n = len(rules)
-  # `make_ema` validates `ema_dtype` the same way for single EMAs.
-  _ema.make_ema(rules[0], ema_dtype=ema_dtype)
+  # A single EMA validates `ema_dtype` and `mask` and decides, at `init`, each
+  # leaf's kind and dtype; its averages are then stacked.
+  single = _ema.make_ema(rules[0], ema_dtype=ema_dtype, mask=mask)
 
   def init_fn(params: optax.Params) -> MultiEmaState:
-    kinds = _tree.leaf_kinds(params, mask)
-    leaves, treedef = jax.tree.flatten(params)
-    ema: list[Any] = []
-    for p, kind in zip(leaves, kinds):
-      if kind is _tree.Kind.AVERAGE:
-        ema.append(_stack(p, n, _tree.ema_dtype_for(p.dtype, ema_dtype)))
-      elif kind is _tree.Kind.CARRY:
-        ema.append(_ema._copy(p))
-      else:
-        ema.append(None)
-    return MultiEmaState(
-        count=jnp.zeros((), jnp.int32), ema=jax.tree.unflatten(treedef, ema)
+    ema = jax.tree.map(
+        lambda e: _stack(e, n) if _is_stacked(e) else e,
+        single.init(params).ema,
     )
+    return MultiEmaState(count=jnp.zeros((), jnp.int32), ema=ema)
 
   def update_fn(
       updates: optax.Updates,
