@@ -287,7 +287,7 @@ class Snapshotter:
       opt_state: the optimizer state holding the tracked EMAs.
       step: the number of optimizer updates done, if you have it as a Python
         int; otherwise it is read from the state (a device-to-host transfer
-        each call).
+        each call). When a snapshot is due it is checked against the state.
 
     Returns:
       Whether a snapshot was written (or started, when saving asynchronously).
@@ -303,7 +303,7 @@ class Snapshotter:
       step = int(self._state(opt_state).count)
     if step <= 0 or step % self.every:
       return False
-    return self.save(opt_state) is not None
+    return self._save(opt_state, step) is not None
 
   def save(self, opt_state: Any) -> int | None:
     """Save a snapshot now, whatever the step.
@@ -316,7 +316,8 @@ class Snapshotter:
 
     Raises:
       ValueError: at step 0, or between two updates of the EMAs when
-        `update_every > 1` (the snapshot would be stale).
+        `update_every > 1` (the snapshot would be stale), or when the state
+        holds no tracker of this snapshotter.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -328,8 +329,17 @@ class Snapshotter:
       (1, None)
       >>> snapshotter.close()
     """
+    return self._save(opt_state, None)
+
+  def _save(self, opt_state: Any, expected: int | None) -> int | None:
     state = self._state(opt_state)
     step = int(state.count)
+    if expected is not None and expected != step:
+      raise ValueError(
+          f"`step={expected}` but the EMA state has seen {step} updates. Pass "
+          "the number of optimizer updates (under `optax.MultiSteps`, the "
+          "real updates, not micro-steps), or leave `step` out."
+      )
     if step <= 0 or step % self.update_every:
       raise ValueError(
           f"Cannot snapshot at step {step}: "

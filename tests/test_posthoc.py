@@ -423,7 +423,9 @@ def test_errors_name_the_argument(tmp_path):
   with pytest.raises(ValueError, match="swap back before saving"):
     snapshotter.save(swapped)
   _, state = tx.update(params, state, params)
-  snapshotter.save(state)
+  with pytest.raises(ValueError, match="`step=4` but the EMA state has seen 2"):
+    snapshotter.maybe_save(state, step=4)
+  assert snapshotter.maybe_save(state, step=2)
   snapshotter.close()
   with pytest.raises(ValueError, match=r"`step=3` has no snapshot.*\[2\]"):
     posthoc.synthesize(tmp_path, sigma_rel=0.1, step=3)
