@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ema_jax import _multi
 from ema_jax import _swap
 from ema_jax._state import EmaState, SwappedEmaState, is_ema_state
 
 
 def opt_state_swapped(opt_state: Any, which: int | None) -> bool:
-  """True when the EMA state `which` in `opt_state` is a `SwappedEmaState`."""
+  """True when the EMA state `which` in `opt_state` is in its swapped form."""
   _, found = _swap._find(opt_state, which)
-  return isinstance(found, SwappedEmaState)
+  return isinstance(found, (SwappedEmaState, _multi.SwappedMultiEmaState))
 
 
 def check_same_form(swapped: bool, stats_state: Any, where: str) -> None:
