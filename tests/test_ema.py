@@ -15,32 +15,11 @@ import pytest
 from flax import nnx
 
 import ema_jax
+from _util import Pair, is_float, is_key, leaves
 
 # ---------------------------------------------------------------------------
 # Helpers: trees, trajectories and the float64 reference.
 # ---------------------------------------------------------------------------
-
-
-class Pair(NamedTuple):
-  a: Any
-  b: Any
-
-
-def is_key(x: Any) -> bool:
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def is_float(x: Any) -> bool:
-  return (
-      hasattr(x, "dtype")
-      and not is_key(x)
-      and jnp.issubdtype(x.dtype, jnp.floating)
-  )
-
-
-def leaves(tree: Any) -> list[Any]:
-  # None kept as a leaf: the EMA holds None where the mask excludes a leaf.
-  return jax.tree_util.tree_leaves(tree, is_leaf=lambda x: x is None)
 
 
 def nested_tree(dtype: Any = jnp.float32) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import hypothesis
 import hypothesis.strategies as st
@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 import ema_jax
+from _util import Pair, assert_bitwise_equal, is_float, is_key, leaves
 
 SETTINGS = hypothesis.settings(
     max_examples=25,
@@ -22,36 +23,7 @@ SETTINGS = hypothesis.settings(
 )
 
 
-class Pair(NamedTuple):
-  a: Any
-  b: Any
 
-
-def is_key(x: Any) -> bool:
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def is_float(x: Any) -> bool:
-  return (hasattr(x, "dtype") and not is_key(x)
-          and jnp.issubdtype(x.dtype, jnp.floating))
-
-
-def all_leaves(tree: Any) -> list[Any]:
-  return jax.tree_util.tree_leaves(tree, is_leaf=lambda x: x is None)
-
-
-def assert_bitwise_equal(x: Any, y: Any) -> None:
-  flat_x, def_x = jax.tree_util.tree_flatten(x, is_leaf=lambda v: v is None)
-  flat_y, def_y = jax.tree_util.tree_flatten(y, is_leaf=lambda v: v is None)
-  assert def_x == def_y
-  for a, b in zip(flat_x, flat_y):
-    if a is None or b is None:
-      assert a is None and b is None
-      continue
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if is_key(a):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
 # ---------------------------------------------------------------------------
@@ -158,8 +130,8 @@ def test_swap_twice_is_identity(spec, seed, steps, decay, debias, use_mask,
   assert_bitwise_equal(back_params, params)
   assert_bitwise_equal(back_state, state)
   # What went out is the EMA, leaf for leaf (params where the mask excludes).
-  for p, e, s in zip(all_leaves(params), all_leaves(ema_jax.ema_params(state)),
-                     all_leaves(swapped_params)):
+  for p, e, s in zip(leaves(params), leaves(ema_jax.ema_params(state)),
+                     leaves(swapped_params)):
     if e is None:
       assert s is p
     else:

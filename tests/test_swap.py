@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,30 +12,7 @@ import optax
 import pytest
 
 import ema_jax
-
-
-class Pair(NamedTuple):
-  a: Any
-  b: Any
-
-
-def is_key(x: Any) -> bool:
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def assert_bitwise_equal(x: Any, y: Any) -> None:
-  """Same structure, dtypes, shapes and bytes (NaN payloads and -0.0 included)."""
-  flat_x, def_x = jax.tree_util.tree_flatten(x, is_leaf=lambda v: v is None)
-  flat_y, def_y = jax.tree_util.tree_flatten(y, is_leaf=lambda v: v is None)
-  assert def_x == def_y
-  for a, b in zip(flat_x, flat_y):
-    if a is None or b is None:
-      assert a is None and b is None
-      continue
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if is_key(a):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+from _util import Pair, assert_bitwise_equal, is_key
 
 
 def make_params(dtype=jnp.float32) -> Any:
