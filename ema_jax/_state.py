@@ -19,6 +19,9 @@ class EmaState(NamedTuple):
     debias_norm: with `debias=True`, the total weight `1 - prod(decays)` that a
       zero-initialised average would have, used to correct it; `None`
       otherwise. shape=(), float32 (float64 with x64 on).
+    rounding_key: with `rounding='stochastic'`, the PRNG key the next update
+      rounds with (split at every update); `None` otherwise. shape=(), a
+      typed key.
 
   Examples:
     >>> import jax.numpy as jnp, ema_jax
@@ -30,6 +33,7 @@ class EmaState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # optax's field name
   ema: Any
   debias_norm: jax.Array | None
+  rounding_key: jax.Array | None = None
 
 
 class SwappedEmaState(NamedTuple):
@@ -47,6 +51,7 @@ class SwappedEmaState(NamedTuple):
     raw_params: the training parameters, held while the EMA is swapped in;
       `None` at leaves excluded by `mask`.
     debias_norm: as in `EmaState`.
+    rounding_key: as in `EmaState`.
 
   Examples:
     >>> import jax.numpy as jnp, ema_jax
@@ -59,6 +64,7 @@ class SwappedEmaState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]
   raw_params: Any
   debias_norm: jax.Array | None
+  rounding_key: jax.Array | None = None
 
 
 def is_ema_state(x: Any) -> bool:

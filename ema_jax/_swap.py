@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import optax
 
+from ema_jax import _memory
 from ema_jax import _multi
 from ema_jax import _tree
 from ema_jax._state import EmaState, SwappedEmaState, is_ema_state
@@ -59,7 +60,11 @@ def _replace(state: Any, which: int, new: Any) -> Any:
 
 
 def ema_params(
-    state: optax.OptState, index: int | None = None, *, which: int | None = None
+    state: optax.OptState,
+    index: int | None = None,
+    *,
+    which: int | None = None,
+    memory_kind: str | None = None,
 ) -> optax.Params:
   """The EMA of the params, from an `EmaState` or any optax state holding one.
 
@@ -75,6 +80,10 @@ def ema_params(
       position of its decay in `decays`); must be `None` for other states.
     which: with several EMA states, the index of the one to read, in tree
       order (see the error message for where each is).
+    memory_kind: `None` returns the average where it is. `'device'` returns
+      it in device memory (an average kept in host memory with
+      `ema(memory_kind='pinned_host')` is copied over; inside `jit` the copy
+      is a transfer XLA schedules); `'pinned_host'` in host memory.
 
   Returns:
     The average, a tree like the params.
@@ -91,6 +100,7 @@ def ema_params(
     >>> ema_jax.ema_params(state)
     {'w': Array([0., 0., 0.], dtype=float32)}
   """
+  memory_kind = _memory.check_memory_kind("memory_kind", memory_kind)
   _, found = _find(state, which)
   _check_index_for(found, index)
   if isinstance(found, _multi.MultiEmaState):
@@ -99,13 +109,13 @@ def ema_params(
           f"The multi-EMA state holds {_multi._num_averages(found)} averages; "
           "pass `index=i` to read average i."
       )
-    return _multi.read(found, index)
+    return _memory.put_tree(_multi.read(found, index), memory_kind)
   if isinstance(found, (SwappedEmaState, _multi.SwappedMultiEmaState)):
     raise ValueError(
         "The EMA state is swapped: the EMA weights are in your params now. "
         "Swap back with `ema_jax.swap(params, state)` to read it from the state."
     )
-  return found.ema
+  return _memory.put_tree(found.ema, memory_kind)
 
 
 def _check_index_for(found: Any, index: int | None) -> None:
@@ -123,6 +133,7 @@ def swap(
     *,
     which: int | None = None,
     index: int | None = None,
+    memory_kind: str | None = None,
 ) -> tuple[optax.Params, optax.OptState]:
   """Exchange the params and their EMA: evaluate with the EMA, then swap back.
 
@@ -142,6 +153,13 @@ def swap(
     which: with several EMA states in `state`, the index of the one to swap.
     index: for a `multi_ema` state, which of its averages to swap in; swapping
       back needs no `index` (the state remembers it).
+    memory_kind: `None` exchanges the trees as they are. `'device'` puts the
+      returned params in device memory, and each leaf the state takes in
+      their place where the leaf it replaces was: with an EMA kept in host
+      memory (`ema(memory_kind='pinned_host')`), the EMA comes to the device
+      to evaluate and the training params wait in host memory, so device
+      memory use does not grow; swapping back with `memory_kind='device'`
+      restores both placements. Transfers are exact.
 
   Returns:
     `(params, state)` swapped.
@@ -164,9 +182,15 @@ def swap(
     >>> params
     Array([0.], dtype=float32)
   """
+  memory_kind = _memory.check_memory_kind("memory_kind", memory_kind)
   which, found = _find(state, which)
   _check_index_for(found, index)
   if _multi.is_multi_state(found):
+    if memory_kind is not None:
+      raise ValueError(
+          "`memory_kind` applies to `ema()` states (host offload); a "
+          "`multi_ema` state keeps its averages in device memory: drop it."
+      )
     out, new_multi = _multi.swap(params, found, index)
     return out, _replace(state, which, new_multi)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -185,11 +209,15 @@ def swap(
           f"{jax.numpy.shape(p)} but the EMA state holds shape "
           f"{jax.numpy.shape(h)}."
       )
+    if memory_kind is not None:
+      h, p = _memory.put(h, memory_kind), _memory.same_memory_as(p, h)
     out_params.append(h)
     keep.append(p)
   kept = jax.tree.unflatten(treedef, keep)
   if isinstance(found, EmaState):
-    new: Any = SwappedEmaState(found.count, kept, found.debias_norm)
+    new: Any = SwappedEmaState(
+        found.count, kept, found.debias_norm, found.rounding_key
+    )
   else:
-    new = EmaState(found.count, kept, found.debias_norm)
+    new = EmaState(found.count, kept, found.debias_norm, found.rounding_key)
   return jax.tree.unflatten(treedef, out_params), _replace(state, which, new)
