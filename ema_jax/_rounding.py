@@ -57,13 +57,42 @@ def make_key(key: Any) -> jax.Array:
   )
 
 
+def _mix32(v: jax.Array) -> jax.Array:
+  # A bijective 32-bit integer hash with low bias ("lowbias32", C. Wellons,
+  # https://nullprogram.com/blog/2018/07/31/).
+  v = v ^ (v >> 16)
+  v = v * jnp.uint32(0x7FEB352D)
+  v = v ^ (v >> 15)
+  v = v * jnp.uint32(0x846CA68B)
+  return v ^ (v >> 16)
+
+
+def _noise16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """16 uniform random bits per element, as uint32 values below 2**16.
+
+  A counter-based hash of each element's index, seeded from `key`: pure
+  elementwise integer arithmetic, so XLA fuses it into the rounding and
+  partitions it like the array, with no temporary buffer. (Threefry, behind
+  `jax.random.bits`, materialises 16 bytes per element on CPU.)
+  """
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(
+        stride % 2**32
+    )
+    stride *= shape[dim]
+  return _mix32(_mix32(index + seed[0]) ^ seed[1]) >> 16
+
+
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
   """`x` rounded to bfloat16, up or down with probability given by the distance.
 
   Adding 16 uniform random bits below the bfloat16 mantissa, then truncating,
   rounds the magnitude up with probability `(|x| - lo) / ulp`. The random bits
-  come from a counter-based generator partitioned like `x`, so a sharded `x`
-  is rounded shard by shard, with no communication, to the same values as an
+  depend on the key and each element's index only, so a sharded `x` is
+  rounded shard by shard, with no communication, to the same values as an
   unsharded one.
 
   Args:
@@ -76,8 +105,7 @@ def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
   """
   x = x.astype(jnp.float32)
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
-  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+  rounded = (bits + _noise16(key, x.shape)) & jnp.uint32(0xFFFF0000)
   out = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
   # A NaN's payload can carry into the sign and exponent bits.
   return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), out)
