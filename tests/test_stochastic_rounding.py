@@ -58,6 +58,37 @@ def test_rounds_to_a_neighbour_with_probability_given_by_distance():
   assert np.all(np.abs(mean - x) <= 5 * err_sigma)
 
 
+@pytest.mark.parametrize("frac", [0.01, 0.3, 0.5, 0.9])
+def test_across_elements_of_one_array_rounding_is_uniform_and_independent(frac):
+  # One key, one array: the random bits vary with the element index.
+  shape = (256, 512)
+  x = np.full(shape, 1.0 + frac * 2.0**-7, np.float32)  # ulp is 2**-7 at 1
+  out = np.asarray(
+      _rounding.stochastic_round(jnp.asarray(x), jax.random.key(11)).astype(jnp.float32)
+  )
+  up = out > 1.0
+  assert np.all(out[up] == 1.0 + 2.0**-7) and np.all(out[~up] == 1.0)
+  n = up.size
+  assert abs(up.mean() - frac) < 5 * np.sqrt(frac * (1 - frac) / n)
+  # Neighbours (along rows and columns) round independently: P(both) = p**2.
+  for pair in (up[:, 1:] & up[:, :-1], up[1:, :] & up[:-1, :]):
+    assert abs(pair.mean() - frac**2) < 5 * np.sqrt(frac**2 * (1 - frac**2) / pair.size)
+
+
+def test_same_values_sharded_or_not():
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  x = np.random.default_rng(2).normal(size=(16, 24)).astype(np.float32)
+  key = jax.random.key(4)
+  single = _rounding.stochastic_round(jnp.asarray(x), key)
+  for spec in [jax.P("data", "model"), jax.P("model", None), jax.P()]:
+    xs = jax.device_put(x, jax.NamedSharding(mesh, spec))
+    sharded = jax.jit(_rounding.stochastic_round)(xs, key)
+    assert sharded.sharding.is_equivalent_to(xs.sharding, 2)
+    np.testing.assert_array_equal(
+        np.asarray(sharded.astype(jnp.float32)), np.asarray(single.astype(jnp.float32))
+    )
+
+
 def test_sign_exact_values_and_specials():
   rng = np.random.default_rng(1)
   x = rng.normal(size=256).astype(np.float32)
