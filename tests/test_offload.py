@@ -1,0 +1,338 @@
+"""Host offload: `ema(memory_kind='pinned_host')` keeps the EMA in host memory.
+
+JAX's CPU backend exposes a 'pinned_host' memory next to each device, so the
+placement, the in-step transfers and the memory accounting are checked here on
+the 8 CPU devices of conftest.py, sharded on a 2x4 mesh.
+
+Run as a script (`python tests/test_offload.py`) it prints the memory table of
+the README's "Scaling out" section.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ema_jax
+
+HOST = "pinned_host"
+BF16 = jnp.bfloat16
+
+_COLLECTIVE = re.compile(
+    r"\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
+    r"(?:-start)?\("
+)
+# An entry parameter or result in XLA's layout syntax: `f32[512,128]{1,0:S(5)}`
+# (scalars: `s32[]`); S(5) is the host memory space.
+_SHAPE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\](?:\{([^}]*)\})?")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def make_mesh(axis_type=AxisType.Auto):
+  return jax.make_mesh((2, 4), ("data", "model"), (axis_type, axis_type))
+
+
+def make_params(mesh, scale=1):
+  rng = np.random.default_rng(0)
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  return {
+      "w1": put(jnp.asarray(rng.normal(size=(64 * scale, 32 * scale)), jnp.float32), P("data", "model")),
+      "w2": put(jnp.asarray(rng.normal(size=(32 * scale, 16)), jnp.float32), P("model", None)),
+      "b": put(jnp.asarray(rng.normal(size=(16,)), jnp.float32), P()),
+      "emb": put(jnp.asarray(rng.normal(size=(8, 32 * scale)), BF16), P(None, "model")),
+      "step": put(jnp.arange(8, dtype=jnp.int32), P("model")),
+  }
+
+
+def grads_for(params, i):
+  return jax.tree.map(
+      lambda p: (jnp.zeros_like(p) if p.dtype == jnp.int32
+                 else jnp.full_like(p, 0.1 * (i + 1)) * jnp.sign(p)),
+      params,
+  )
+
+
+def make_step(tx):
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def assert_placed(ema_tree, params, memory_kind):
+  for (path, p), e in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ema_tree)
+  ):
+    where = jax.tree_util.keystr(path)
+    assert e.sharding.memory_kind == memory_kind, where
+    assert e.sharding.is_equivalent_to(
+        p.sharding.with_memory_kind(memory_kind), p.ndim
+    ), (where, e.sharding, p.sharding)
+
+
+def as_np(tree):
+  return [np.asarray(x.astype(jnp.float32) if x.dtype == BF16 else x)
+          for x in jax.tree.leaves(tree)]
+
+
+def test_cpu_exposes_pinned_host():
+  kinds = [m.kind for m in jax.devices()[0].addressable_memories()]
+  assert HOST in kinds
+
+
+def test_options_are_checked():
+  with pytest.raises(ValueError, match="`memory_kind`"):
+    ema_jax.ema(0.9, memory_kind="hbm")
+  state = ema_jax.ema(0.9).init(jnp.ones(2))
+  with pytest.raises(ValueError, match="`memory_kind`"):
+    ema_jax.ema_params(state, memory_kind="host")
+  with pytest.raises(ValueError, match="`memory_kind`"):
+    ema_jax.swap(jnp.ones(2), state, memory_kind="host")
+
+
+TRANSFORMS = {
+    "f32": dict(),
+    "bf16_stochastic": dict(ema_dtype=BF16, rounding="stochastic", key=5),
+}
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_ema_stays_in_host_memory_and_equals_the_device_ema(axis_type, name):
+  mesh = make_mesh(axis_type)
+  params = make_params(mesh)
+  kw = TRANSFORMS[name]
+  host_tx = optax.chain(optax.adam(1e-2), ema_jax.ema(0.9, memory_kind=HOST, **kw))
+  dev_tx = optax.chain(optax.adam(1e-2), ema_jax.ema(0.9, **kw))
+
+  host_state = jax.jit(host_tx.init)(params)
+  assert_placed(ema_jax.ema_params(host_state), params, HOST)
+  with jax.set_mesh(mesh):
+    assert_placed(ema_jax.ema_params(host_tx.init(params)), params, HOST)
+  dev_state = jax.jit(dev_tx.init)(params)
+  assert_placed(ema_jax.ema_params(dev_state), params, "device")
+
+  host_step = jax.jit(make_step(host_tx))
+  dev_step = jax.jit(make_step(dev_tx))
+  p_host = p_dev = params
+  for i in range(3):
+    p_host, host_state = host_step(p_host, host_state, grads_for(params, i))
+    p_dev, dev_state = dev_step(p_dev, dev_state, grads_for(params, i))
+    assert_placed(ema_jax.ema_params(host_state), params, HOST)
+    assert_placed(p_host, params, "device")
+  # Transfers are exact and the arithmetic is the same: bit-identical.
+  for a, b in zip(as_np(ema_jax.ema_params(host_state)), as_np(ema_jax.ema_params(dev_state))):
+    np.testing.assert_array_equal(a, b)
+  # ...and the average did move away from the initial params.
+  assert not np.array_equal(
+      as_np(ema_jax.ema_params(host_state))[0], as_np(params)[0]
+  )
+
+
+def per_device_nbytes(tree, floats_only=False):
+  return sum(
+      x.addressable_shards[0].data.nbytes
+      for x in jax.tree.leaves(tree)
+      if not floats_only or jnp.issubdtype(x.dtype, jnp.floating)
+  )
+
+
+def collectives(compiled):
+  return collections.Counter(m.group(1) for m in _COLLECTIVE.finditer(compiled.as_text()))
+
+
+def entry_layout_bytes(compiled):
+  """Bytes per device of the entry's (parameters, results), split (device, host)."""
+  text = compiled.as_text()
+  start = text.index("entry_computation_layout={") + len("entry_computation_layout={")
+  depth, end = 1, start
+  while depth:
+    depth += {"{": 1, "}": -1}.get(text[end], 0)
+    end += 1
+  params_part, results_part = text[start:end - 1].split(")->")
+  out = []
+  for part in (params_part, results_part):
+    device = host = 0
+    for dtype, dims, tile in _SHAPE.findall(part):
+      n = _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+      if "S(5)" in tile:
+        host += n
+      else:
+        device += n
+    out.append((device, host))
+  return out
+
+
+def step_memory(tx, params):
+  """Per-device bytes of one donated training step, from XLA's memory analysis.
+
+  The CPU runtime reports host and device buffers together in
+  `memory_analysis()`; the host part is the buffers XLA's layout places in
+  the host memory space, S(5).
+  """
+  opt_state = jax.jit(tx.init)(params)
+  compiled = (
+      jax.jit(make_step(tx), donate_argnums=(0, 1))
+      .lower(params, opt_state, grads_for(params, 0))
+      .compile()
+  )
+  stats = compiled.memory_analysis()
+  (arg_device, arg_host), _ = entry_layout_bytes(compiled)
+  assert arg_device + arg_host == stats.argument_size_in_bytes
+  if stats.host_argument_size_in_bytes:  # runtimes that report it (GPU, TPU)
+    arg_host = stats.host_argument_size_in_bytes
+    arg_device = stats.argument_size_in_bytes
+  return {
+      "device_arguments": arg_device,
+      "host_arguments": arg_host,
+      "temp": stats.temp_size_in_bytes,
+      "collectives": collectives(compiled),
+  }
+
+
+def test_compiled_step_keeps_ema_in_host_memory_without_collectives():
+  mesh = make_mesh()
+  params = make_params(mesh)
+  tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.9, memory_kind=HOST))
+  opt_state = jax.jit(tx.init)(params)
+  compiled = (
+      jax.jit(make_step(tx), donate_argnums=(0, 1))
+      .lower(params, opt_state, grads_for(params, 0))
+      .compile()
+  )
+  assert collectives(compiled) == {}
+  (_, arg_host), (_, out_host) = entry_layout_bytes(compiled)
+  ema = ema_jax.ema_params(opt_state)
+  # The EMA is float32 for the bfloat16 leaf, like the others.
+  assert per_device_nbytes(ema) > per_device_nbytes(params)
+  # Every EMA leaf comes out in host memory. The int leaf's old value is never
+  # read (the EMA carries the latest one), so jit drops it from the inputs.
+  assert out_host == per_device_nbytes(ema)
+  assert arg_host == per_device_nbytes(ema, floats_only=True)
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_offload_removes_the_ema_from_device_memory(name):
+  mesh = make_mesh()
+  params = make_params(mesh, scale=4)
+  kw = TRANSFORMS[name]
+  base = step_memory(optax.sgd(0.1), params)
+  on_device = step_memory(optax.chain(optax.sgd(0.1), ema_jax.ema(0.9, **kw)), params)
+  offloaded = step_memory(
+      optax.chain(optax.sgd(0.1), ema_jax.ema(0.9, memory_kind=HOST, **kw)), params
+  )
+  state = jax.jit(ema_jax.ema(0.9, **kw).init)(params)
+  # Inputs only: the int leaf's old EMA is never read, so jit drops it.
+  ema_bytes = per_device_nbytes(state.ema, floats_only=True)
+  scalars = 4 + (8 if "rounding" in kw else 0)  # count, and the key's 2 x uint32
+  assert base["host_arguments"] == 0 and on_device["host_arguments"] == 0
+  assert on_device["device_arguments"] == base["device_arguments"] + ema_bytes + scalars
+  assert offloaded["device_arguments"] == base["device_arguments"] + scalars
+  assert offloaded["host_arguments"] == ema_bytes
+  for m in (base, on_device, offloaded):
+    assert m["collectives"] == {}
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
+def test_swap_and_ema_params_bring_the_ema_to_device(axis_type):
+  mesh = make_mesh(axis_type)
+  params = make_params(mesh)
+  tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.5, memory_kind=HOST))
+  opt_state = jax.jit(tx.init)(params)
+  step = jax.jit(make_step(tx))
+  for i in range(2):
+    params, opt_state = step(params, opt_state, grads_for(params, i))
+  ema_host = ema_jax.ema_params(opt_state)
+  assert_placed(ema_host, params, HOST)
+  assert_placed(ema_jax.ema_params(opt_state, memory_kind="device"), params, "device")
+  assert_placed(
+      jax.jit(lambda s: ema_jax.ema_params(s, memory_kind="device"))(opt_state),
+      params, "device",
+  )
+
+  for swap in (ema_jax.swap, jax.jit(ema_jax.swap, static_argnames="memory_kind")):
+    ema_weights, swapped = swap(params, opt_state, memory_kind="device")
+    assert_placed(ema_weights, params, "device")  # ready to evaluate
+    assert_placed(swapped[1].raw_params, params, HOST)  # training params wait
+    for a, b in zip(as_np(ema_weights), as_np(ema_host)):
+      np.testing.assert_array_equal(a, b)
+    back, unswapped = swap(ema_weights, swapped, memory_kind="device")
+    assert_placed(back, params, "device")
+    assert_placed(ema_jax.ema_params(unswapped), params, HOST)
+    for a, b in zip(as_np(back), as_np(params)):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(as_np(ema_jax.ema_params(unswapped)), as_np(ema_host)):
+      np.testing.assert_array_equal(a, b)
+
+  # Without memory_kind, swap is the plain exchange: the EMA comes out in
+  # host memory, as it is.
+  ema_weights, _ = ema_jax.swap(params, opt_state)
+  assert_placed(ema_weights, params, HOST)
+
+
+def test_swapped_eval_step_with_offloaded_ema():
+  mesh = make_mesh()
+  params = make_params(mesh)
+  tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.5, memory_kind=HOST))
+  opt_state = jax.jit(tx.init)(params)
+  params, opt_state = jax.jit(make_step(tx))(params, opt_state, grads_for(params, 0))
+
+  def loss(p):
+    return jnp.sum(p["w1"] ** 2) + jnp.sum(p["w2"] ** 2) + jnp.sum(p["emb"].astype(jnp.float32))
+
+  @jax.jit
+  def eval_step(params, opt_state):
+    ema_weights, opt_state = ema_jax.swap(params, opt_state, memory_kind="device")
+    value = loss(ema_weights)
+    params, opt_state = ema_jax.swap(ema_weights, opt_state, memory_kind="device")
+    return value, params, opt_state
+
+  value, params_back, state_back = eval_step(params, opt_state)
+  expected = loss(ema_jax.ema_params(opt_state, memory_kind="device"))
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+  assert abs(float(expected) - float(loss(params))) > 1e-3
+  assert_placed(params_back, params, "device")
+  assert_placed(ema_jax.ema_params(state_back), params, HOST)
+
+
+def memory_table():
+  """The README table: per-parameter bytes, from XLA's analysis of a step."""
+  mesh = make_mesh()
+  params = make_params(mesh, scale=8)
+  params = {k: v.astype(jnp.float32) for k, v in params.items() if k != "step"}
+  n = sum(p.size for p in jax.tree.leaves(params))
+  n_dev = sum(p.addressable_shards[0].data.size for p in jax.tree.leaves(params))
+  rows = {
+      "no EMA (sgd only)": optax.sgd(0.1),
+      "float32 EMA (default)": optax.chain(optax.sgd(0.1), ema_jax.ema(0.999)),
+      "bfloat16 EMA, rounding='stochastic'": optax.chain(
+          optax.sgd(0.1), ema_jax.ema(0.999, ema_dtype=BF16, rounding="stochastic")),
+      "float32 EMA, memory_kind='pinned_host'": optax.chain(
+          optax.sgd(0.1), ema_jax.ema(0.999, memory_kind=HOST)),
+      "bfloat16 stochastic EMA, 'pinned_host'": optax.chain(
+          optax.sgd(0.1), ema_jax.ema(0.999, ema_dtype=BF16, rounding="stochastic",
+                                      memory_kind=HOST)),
+  }
+  base = None
+  print(f"{n} float32 params, {n_dev} per device on a 2x4 mesh")
+  print("| step state | device bytes/param | host bytes/param | temp bytes/param |")
+  for name, tx in rows.items():
+    m = step_memory(tx, params)
+    base = m if base is None else base
+    extra = (m["device_arguments"] - base["device_arguments"]) / n_dev
+    print(f"| {name} | {extra:.2f} | {m['host_arguments'] / n_dev:.2f} | "
+          f"{m['temp'] / n_dev:.2f} |")
+
+
+if __name__ == "__main__":
+  memory_table()
