@@ -220,17 +220,33 @@ def make_ema(
           "with this transformation."
       )
     rounding_key, leaf_keys = _rounding.split(state.rounding_key, len(p_leaves))
-    new_ema, new_updates = [], []
-    for p, u, e, kind, k in zip(p_leaves, u_leaves, e_leaves, kinds, leaf_keys):
-      new_p = _apply_update(p, u)
-      if kind is _tree.Kind.AVERAGE:
+    averaged = [i for i, kind in enumerate(kinds) if kind is _tree.Kind.AVERAGE]
+
+    def average(old: list[jax.Array]) -> list[jax.Array]:
+      new = []
+      for i, e in zip(averaged, old):
         e = _memory.put(e, "device" if memory_kind else None)
-        e = _average(e, new_p, active, decay, k)
+        new_p = _apply_update(p_leaves[i], u_leaves[i])
+        e = _average(e, new_p, jnp.ones((), bool), decay, leaf_keys[i])
+        new.append(_memory.put(e, memory_kind))
+      return new
+
+    # A cond, not a select: an update that does not average (update_every > 1)
+    # makes no pass over the params and the average, and moves no offloaded
+    # average to the device and back.
+    old = [e_leaves[i] for i in averaged]
+    new_averages = dict(zip(averaged, jax.lax.cond(active, average, list, old)))
+    new_ema, new_updates = [], []
+    for i, (p, u, kind) in enumerate(zip(p_leaves, u_leaves, kinds)):
+      e = None
+      if kind is _tree.Kind.AVERAGE:
+        e = new_averages[i]
         if overwrite is not None and u is not None:
-          u = jnp.where(overwrite, (e.astype(p.dtype) - p).astype(u.dtype), u)
+          e_p = _memory.put(e, "device" if memory_kind else None).astype(p.dtype)
+          u = jnp.where(overwrite, (e_p - p).astype(u.dtype), u)
       elif kind is _tree.Kind.CARRY:
-        e = _copy(new_p)
-      new_ema.append(_memory.put(e, memory_kind))
+        e = _memory.put(_copy(_apply_update(p, u)), memory_kind)
+      new_ema.append(e)
       new_updates.append(u)
 
     return jax.tree.unflatten(treedef, new_updates), EmaState(
