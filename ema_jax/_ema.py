@@ -233,9 +233,14 @@ def make_ema(
 
     # A cond, not a select: an update that does not average (update_every > 1)
     # makes no pass over the params and the average, and moves no offloaded
-    # average to the device and back.
+    # average to the device and back. Outside jit, a Python `if` keeps the
+    # update op by op (a cond would compile it, fusing `d * e + (1 - d) * p`).
     old = [e_leaves[i] for i in averaged]
-    new_averages = dict(zip(averaged, jax.lax.cond(active, average, list, old)))
+    if isinstance(active, jax.core.Tracer):
+      new_list = jax.lax.cond(active, average, list, old)
+    else:
+      new_list = average(old) if bool(active) else old
+    new_averages = dict(zip(averaged, new_list))
     new_ema, new_updates = [], []
     for i, (p, u, kind) in enumerate(zip(p_leaves, u_leaves, kinds)):
       e = None
