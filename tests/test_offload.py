@@ -305,6 +305,36 @@ def test_swapped_eval_step_with_offloaded_ema():
   assert_placed(ema_jax.ema_params(state_back), params, HOST)
 
 
+def test_update_every_does_its_work_only_on_averaging_steps():
+  mesh = make_mesh()
+  params = make_params(mesh)
+  host_tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.9, memory_kind=HOST, update_every=3))
+  dev_tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.9, update_every=3))
+  host_state, dev_state = jax.jit(host_tx.init)(params), jax.jit(dev_tx.init)(params)
+  compiled = (
+      jax.jit(make_step(host_tx))
+      .lower(params, host_state, grads_for(params, 0))
+      .compile()
+  )
+  # The averaging and its transfers sit in a branch taken every 3rd step.
+  assert re.search(r"\sconditional\(", compiled.as_text())
+  assert collectives(compiled) == {}
+  host_step, dev_step = jax.jit(make_step(host_tx)), jax.jit(make_step(dev_tx))
+  p_host = p_dev = params
+  previous = as_np(ema_jax.ema_params(host_state))
+  for i in range(6):
+    p_host, host_state = host_step(p_host, host_state, grads_for(params, i))
+    p_dev, dev_state = dev_step(p_dev, dev_state, grads_for(params, i))
+    now = as_np(ema_jax.ema_params(host_state))
+    floats = [k for k, x in enumerate(jax.tree.leaves(params)) if x.dtype != jnp.int32]
+    moved = [not np.array_equal(now[k], previous[k]) for k in floats]
+    assert all(moved) if i % 3 == 2 else not any(moved), (i, moved)
+    previous = now
+    assert_placed(ema_jax.ema_params(host_state), params, HOST)
+  for a, b in zip(now, as_np(ema_jax.ema_params(dev_state))):
+    np.testing.assert_array_equal(a, b)
+
+
 def memory_table():
   """The README table: per-parameter bytes, from XLA's analysis of a step."""
   mesh = make_mesh()
