@@ -338,30 +338,28 @@ def test_update_every_does_its_work_only_on_averaging_steps():
 def memory_table():
   """The README table: per-parameter bytes, from XLA's analysis of a step."""
   mesh = make_mesh()
-  params = make_params(mesh, scale=8)
-  params = {k: v.astype(jnp.float32) for k, v in params.items() if k != "step"}
-  n = sum(p.size for p in jax.tree.leaves(params))
-  n_dev = sum(p.addressable_shards[0].data.size for p in jax.tree.leaves(params))
-  rows = {
-      "no EMA (sgd only)": optax.sgd(0.1),
-      "float32 EMA (default)": optax.chain(optax.sgd(0.1), ema_jax.ema(0.999)),
-      "bfloat16 EMA, rounding='stochastic'": optax.chain(
-          optax.sgd(0.1), ema_jax.ema(0.999, ema_dtype=BF16, rounding="stochastic")),
-      "float32 EMA, memory_kind='pinned_host'": optax.chain(
-          optax.sgd(0.1), ema_jax.ema(0.999, memory_kind=HOST)),
-      "bfloat16 stochastic EMA, 'pinned_host'": optax.chain(
-          optax.sgd(0.1), ema_jax.ema(0.999, ema_dtype=BF16, rounding="stochastic",
-                                      memory_kind=HOST)),
-  }
-  base = None
-  print(f"{n} float32 params, {n_dev} per device on a 2x4 mesh")
-  print("| step state | device bytes/param | host bytes/param | temp bytes/param |")
-  for name, tx in rows.items():
-    m = step_memory(tx, params)
-    base = m if base is None else base
+  f32 = {k: v for k, v in make_params(mesh, scale=8).items() if k not in ("step", "emb")}
+  bf16 = jax.tree.map(lambda x: x.astype(BF16), f32)
+  n_dev = sum(p.addressable_shards[0].data.size for p in jax.tree.leaves(f32))
+  sr = dict(ema_dtype=BF16, rounding="stochastic")
+  rows = [
+      ("float32 params, `ema(d)`", f32, {}),
+      ("bfloat16 params, `ema(d)` (float32 average)", bf16, {}),
+      ("`ema(d, ema_dtype=jnp.bfloat16)` (stalls)", f32, dict(ema_dtype=BF16)),
+      ("`ema(d, ema_dtype=jnp.bfloat16, rounding='stochastic')`", f32, sr),
+      ("`ema(d, memory_kind='pinned_host')`", f32, dict(memory_kind=HOST)),
+      ("`ema(d, ..., rounding='stochastic', memory_kind='pinned_host')`", f32,
+       dict(memory_kind=HOST, **sr)),
+  ]
+  print(f"{n_dev} params per device on a 2x4 mesh; bytes per parameter")
+  print("| EMA | device | host | device temp |")
+  print("|---|---|---|---|")
+  for name, params, kw in rows:
+    base = step_memory(optax.sgd(0.1), params)
+    m = step_memory(optax.chain(optax.sgd(0.1), ema_jax.ema(0.999, **kw)), params)
     extra = (m["device_arguments"] - base["device_arguments"]) / n_dev
-    print(f"| {name} | {extra:.2f} | {m['host_arguments'] / n_dev:.2f} | "
-          f"{m['temp'] / n_dev:.2f} |")
+    temp = (m["temp"] - base["temp"]) / n_dev
+    print(f"| {name} | {extra:.2f} | {m['host_arguments'] / n_dev:.2f} | {temp:.2f} |")
 
 
 if __name__ == "__main__":
