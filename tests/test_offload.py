@@ -335,6 +335,29 @@ def test_update_every_does_its_work_only_on_averaging_steps():
     np.testing.assert_array_equal(a, b)
 
 
+def test_orbax_round_trip_keeps_host_placement_and_key(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  mesh = make_mesh()
+  params = make_params(mesh)
+  tx = optax.chain(optax.sgd(0.1), ema_jax.ema(
+      0.9, ema_dtype=BF16, rounding="stochastic", memory_kind=HOST))
+  opt_state = jax.jit(tx.init)(params)
+  params, opt_state = jax.jit(make_step(tx))(params, opt_state, grads_for(params, 0))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", opt_state)
+  checkpointer.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state)
+  restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+  checkpointer.close()
+  assert_placed(ema_jax.ema_params(restored), params, HOST)
+  for a, b in zip(as_np(ema_jax.ema_params(restored)), as_np(ema_jax.ema_params(opt_state))):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(
+      jax.random.key_data(restored[1].rounding_key),
+      jax.random.key_data(opt_state[1].rounding_key),
+  )
+
+
 def memory_table():
   """The README table: per-parameter bytes, from XLA's analysis of a step."""
   mesh = make_mesh()
