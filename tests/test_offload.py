@@ -22,6 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ema_jax
+from _util import assert_bitwise_equal
 
 HOST = "pinned_host"
 BF16 = jnp.bfloat16
@@ -131,8 +132,7 @@ def test_ema_stays_in_host_memory_and_equals_the_device_ema(axis_type, name):
     assert_placed(ema_jax.ema_params(host_state), params, HOST)
     assert_placed(p_host, params, "device")
   # Transfers are exact and the arithmetic is the same: bit-identical.
-  for a, b in zip(as_np(ema_jax.ema_params(host_state)), as_np(ema_jax.ema_params(dev_state))):
-    np.testing.assert_array_equal(a, b)
+  assert_bitwise_equal(ema_jax.ema_params(host_state), ema_jax.ema_params(dev_state))
   # ...and the average did move away from the initial params.
   assert not np.array_equal(
       as_np(ema_jax.ema_params(host_state))[0], as_np(params)[0]
@@ -264,15 +264,12 @@ def test_swap_and_ema_params_bring_the_ema_to_device(axis_type):
     ema_weights, swapped = swap(params, opt_state, memory_kind="device")
     assert_placed(ema_weights, params, "device")  # ready to evaluate
     assert_placed(swapped[1].raw_params, params, HOST)  # training params wait
-    for a, b in zip(as_np(ema_weights), as_np(ema_host)):
-      np.testing.assert_array_equal(a, b)
+    assert_bitwise_equal(ema_weights, ema_host)
     back, unswapped = swap(ema_weights, swapped, memory_kind="device")
     assert_placed(back, params, "device")
     assert_placed(ema_jax.ema_params(unswapped), params, HOST)
-    for a, b in zip(as_np(back), as_np(params)):
-      np.testing.assert_array_equal(a, b)
-    for a, b in zip(as_np(ema_jax.ema_params(unswapped)), as_np(ema_host)):
-      np.testing.assert_array_equal(a, b)
+    assert_bitwise_equal(back, params)
+    assert_bitwise_equal(ema_jax.ema_params(unswapped), ema_host)
 
   # Without memory_kind, swap is the plain exchange: the EMA comes out in
   # host memory, as it is.
@@ -331,8 +328,7 @@ def test_update_every_does_its_work_only_on_averaging_steps():
     assert all(moved) if i % 3 == 2 else not any(moved), (i, moved)
     previous = now
     assert_placed(ema_jax.ema_params(host_state), params, HOST)
-  for a, b in zip(now, as_np(ema_jax.ema_params(dev_state))):
-    np.testing.assert_array_equal(a, b)
+  assert_bitwise_equal(ema_jax.ema_params(host_state), ema_jax.ema_params(dev_state))
 
 
 def test_orbax_round_trip_keeps_host_placement_and_key(tmp_path):
@@ -350,12 +346,7 @@ def test_orbax_round_trip_keeps_host_placement_and_key(tmp_path):
   restored = checkpointer.restore(tmp_path / "ckpt", abstract)
   checkpointer.close()
   assert_placed(ema_jax.ema_params(restored), params, HOST)
-  for a, b in zip(as_np(ema_jax.ema_params(restored)), as_np(ema_jax.ema_params(opt_state))):
-    np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(
-      jax.random.key_data(restored[1].rounding_key),
-      jax.random.key_data(opt_state[1].rounding_key),
-  )
+  assert_bitwise_equal(restored, opt_state)  # the rounding key included
 
 
 def memory_table():

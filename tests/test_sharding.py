@@ -20,6 +20,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ema_jax
+from _util import assert_bitwise_equal
 
 _COLLECTIVE = re.compile(
     r"\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
@@ -221,10 +222,8 @@ def test_swap_and_ema_params_keep_shardings(axis_type):
       back, unswapped = swap(ema_weights, swapped)
       assert_same_sharding(back, params)
       assert_same_sharding(ema_jax.ema_params(unswapped), params)
-      for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-      for a, b in zip(jax.tree.leaves(ema_weights), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      assert_bitwise_equal(back, params)
+      assert_bitwise_equal(ema_weights, expected)
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
