@@ -107,7 +107,23 @@ def _apply_update(p: jax.Array, u: Any) -> jax.Array:
   """`optax.apply_updates` for one leaf, tolerating None/float0 updates."""
   if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
     return p
-  return jnp.asarray(p + u).astype(p.dtype)
+  return _materialize(jnp.asarray(p + u).astype(p.dtype))
+
+
+def _materialize(new_p: jax.Array) -> jax.Array:
+  """Make the EMA read the new params from memory instead of recomputing them.
+
+  In a jitted step with donated params, XLA:CPU otherwise folds `p + u` into the
+  EMA loop for bfloat16 params; as the params loop overwrites `p` in place, it
+  must then copy `p` and materialise `u` first: two params-sized temporaries
+  and ~1.6x the bytes (benchmarks/run.py, tests/test_performance.py). Other
+  backends fuse the two outputs themselves and keep the plain expression.
+  """
+  if not isinstance(new_p, jax.core.Tracer):
+    return new_p
+  return jax.lax.platform_dependent(
+      new_p, cpu=jax.lax.optimization_barrier, default=lambda x: x
+  )
 
 
 def _average(
