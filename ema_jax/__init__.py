@@ -18,6 +18,7 @@ from ema_jax._multi import MultiEmaState as MultiEmaState
 from ema_jax._multi import SwappedMultiEmaState as SwappedMultiEmaState
 from ema_jax._multi import multi_ema as multi_ema
 from ema_jax import posthoc as posthoc
+from ema_jax._fused import apply_updates_and_average as apply_updates_and_average
 
 __version__ = "0.1.0"
 
@@ -48,4 +49,5 @@ __all__ = [
     "SwappedMultiEmaState",
     "multi_ema",
     "posthoc",
+    "apply_updates_and_average",
 ]
