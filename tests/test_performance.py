@@ -1,0 +1,287 @@
+"""Performance contracts that do not depend on a clock.
+
+* XLA's memory analysis of the recommended step (jitted, params and optimizer
+  state donated, gradients passed as an argument) shows no EMA-sized temporary.
+* `apply_updates_and_average` gives bit for bit what the chained `ema()` and
+  `optax.apply_updates` give, and what an independent float64 formula gives.
+* The benchmark's smoke mode runs and writes the JSON it promises.
+
+No test asserts a time: the figures live in the README's Performance section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ema_jax
+from ema_jax import _ema
+
+N = 2**20  # ~1e6 elements, as the issue asks
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPTIMIZERS = {"sgd": lambda: optax.sgd(1e-3), "adam": lambda: optax.adam(1e-3)}
+
+
+def _shapes(leaves: int, dtype: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  return {f"w{i}": jax.ShapeDtypeStruct((N // leaves,), dtype) for i in range(leaves)}
+
+
+def _chain_step(tx: optax.GradientTransformation):
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def _fused_step(opt: optax.GradientTransformation, decay: float = 0.999):
+  def step(params, state, grads):
+    opt_state, ema = state
+    updates, opt_state = opt.update(grads, opt_state, params)
+    params, ema = ema_jax.apply_updates_and_average(params, updates, ema, decay)
+    return params, (opt_state, ema)
+
+  return step
+
+
+def _memory(path: str, opt_name: str, leaves: int, dtype: Any):
+  params = _shapes(leaves, dtype)
+  opt = OPTIMIZERS[opt_name]()
+  if path == "chain":
+    tx = optax.chain(opt, ema_jax.ema(0.999))
+    step, state = _chain_step(tx), jax.eval_shape(tx.init, params)
+  else:
+    ema_tx = ema_jax.ema(0.999)
+    step = _fused_step(opt)
+    state = jax.eval_shape(
+        lambda p: (opt.init(p), ema_jax.ema_params(ema_tx.init(p))), params
+    )
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+  return compiled.memory_analysis(), state
+
+
+@pytest.mark.parametrize("path", ["chain", "fused"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("leaves", [1, 8])
+def test_donated_step_has_no_ema_sized_temporary(path, opt_name, dtype, leaves):
+  mem, state = _memory(path, opt_name, leaves, dtype)
+  ema_bytes = N * 4  # float32 average, also for bfloat16 params
+  assert mem.temp_size_in_bytes < ema_bytes // 64, mem
+  # Updated in place: every donated params/state byte is reused by an output.
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  param_bytes = N * jnp.dtype(dtype).itemsize
+  assert mem.alias_size_in_bytes >= param_bytes + state_bytes - 64, mem
+
+
+def test_memory_check_sees_the_closure_trap():
+  # A control: gradients captured by a closure become constants, and XLA then
+  # plans an EMA-sized temporary. The check above would catch it.
+  opt = optax.adam(1e-3)
+  tx = optax.chain(opt, ema_jax.ema(0.999))
+  params = {"w": jnp.zeros(N)}
+  grads = {"w": jnp.full(N, 1e-3)}
+
+  def step(params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  state = jax.eval_shape(tx.init, params)
+  mem = (
+      jax.jit(step, donate_argnums=(0, 1))
+      .lower(jax.eval_shape(lambda: params), state)
+      .compile()
+      .memory_analysis()
+  )
+  assert mem.temp_size_in_bytes >= N * 4
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU behaviour")
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_cpu_barrier_is_what_removes_the_bf16_temporaries(monkeypatch, opt_name):
+  # Without `_ema._materialize`, XLA:CPU folds `p + u` into the EMA loop for
+  # bfloat16 params, and must then copy the donated params and materialise the
+  # updates. If XLA stops doing so, this fails and the barrier can go.
+  monkeypatch.setattr(_ema, "_materialize", lambda x: x)
+  mem, _ = _memory("chain", opt_name, 1, jnp.bfloat16)
+  assert mem.temp_size_in_bytes >= N * 2
+
+
+# ---------------------------------------------------------------------------
+# The fused path
+
+
+def _bits(tree: Any) -> list[bytes | None]:
+  return [
+      None if x is None else (str(np.asarray(x).dtype), np.asarray(x).tobytes())
+      for x in jax.tree.leaves(tree, is_leaf=lambda x: x is None)
+  ]
+
+
+def _params(dtype: Any, seed: int = 0) -> dict[str, Any]:
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  return {
+      "a": jax.random.normal(k1, (3, 5)).astype(dtype),
+      "b": {"c": jax.random.normal(k2, (7,)).astype(dtype)},
+  }
+
+
+def _grads(params: Any, seed: int) -> Any:
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(100 + seed), len(leaves))
+  return jax.tree.unflatten(
+      treedef,
+      [jax.random.normal(k, x.shape).astype(x.dtype) for k, x in zip(keys, leaves)],
+  )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_fused_is_bitwise_the_chain(dtype, jit, opt_name):
+  opt = OPTIMIZERS[opt_name]()
+  chain = optax.chain(opt, ema_jax.ema(0.9))
+  chain_step, fused_step = _chain_step(chain), _fused_step(opt, 0.9)
+  if jit:
+    chain_step = jax.jit(chain_step, donate_argnums=(0, 1))
+    fused_step = jax.jit(fused_step, donate_argnums=(0, 1))
+  params = _params(dtype)
+  p1, s1 = jax.tree.map(jnp.copy, params), chain.init(params)
+  p2 = jax.tree.map(jnp.copy, params)
+  s2 = (opt.init(params), ema_jax.ema_params(chain.init(params)))
+  for t in range(6):
+    grads = _grads(params, t)
+    p1, s1 = chain_step(p1, s1, grads)
+    p2, s2 = fused_step(p2, s2, grads)
+    assert _bits(p1) == _bits(p2)
+    assert _bits(ema_jax.ema_params(s1)) == _bits(s2[1])
+  assert jax.tree.leaves(s2[1])[0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fused_matches_a_float64_formula(dtype):
+  params = _params(dtype)
+  ema = jax.tree.map(lambda p: p.astype(jnp.float32) * 0.5, params)
+  updates = _grads(params, 0)
+  decay = 0.75
+  new_p, new_e = ema_jax.apply_updates_and_average(params, updates, ema, decay)
+  for p, u, e, np_, ne in zip(*map(jax.tree.leaves, (params, updates, ema, new_p, new_e))):
+    p64 = np.asarray(p, np.float64) + np.asarray(u, np.float64)
+    # The params are rounded to their dtype once, as optax.apply_updates does.
+    np.testing.assert_array_equal(np.asarray(np_), p64.astype(np.asarray(p).dtype))
+    expected = decay * np.asarray(e, np.float64) + (1 - decay) * np.asarray(np_, np.float64)
+    np.testing.assert_allclose(np.asarray(ne, np.float64), expected, rtol=2e-7, atol=1e-7)
+    assert ne.dtype == jnp.float32
+
+
+def test_fused_carries_integer_leaves_and_skips_masked_ones():
+  params = {"w": jnp.array([1.0, 2.0]), "step": jnp.array(3, jnp.int32), "frozen": jnp.ones(2)}
+  updates = {"w": jnp.array([1.0, 1.0]), "step": jnp.array(1, jnp.int32), "frozen": jnp.ones(2)}
+  mask = {"w": True, "step": True, "frozen": False}
+  tx = ema_jax.ema(0.5, mask=mask)
+  state = tx.init(params)
+  out_updates, state = tx.update(updates, state, params)
+  expected_params = optax.apply_updates(params, out_updates)
+  new_p, new_e = ema_jax.apply_updates_and_average(params, updates, tx.init(params).ema, 0.5)
+  assert _bits(new_p) == _bits(expected_params)
+  assert _bits(new_e) == _bits(state.ema)
+  assert new_e["frozen"] is None and int(new_e["step"]) == 4
+  np.testing.assert_array_equal(new_e["w"], [1.5, 2.5])
+
+
+def test_fused_with_an_ema_state_advances_it_and_swaps():
+  tx = ema_jax.ema(0.5)
+  params = {"w": jnp.array([0.0, 4.0])}
+  state = tx.init(params)
+  params, state = ema_jax.apply_updates_and_average(params, {"w": jnp.array([2.0, 2.0])}, state, 0.5)
+  assert isinstance(state, ema_jax.EmaState) and int(state.count) == 1
+  np.testing.assert_array_equal(ema_jax.ema_params(state)["w"], [1.0, 5.0])
+  ema_weights, swapped = ema_jax.swap(params, state)
+  np.testing.assert_array_equal(ema_weights["w"], [1.0, 5.0])
+  with pytest.raises(ValueError, match="swapped"):
+    ema_jax.apply_updates_and_average(ema_weights, None, swapped, 0.5)
+  back, state = ema_jax.swap(ema_weights, swapped)
+  assert _bits(back) == _bits(params)
+
+
+def test_fused_without_updates_only_moves_the_average():
+  params = {"w": jnp.array([2.0])}
+  new_p, new_e = ema_jax.apply_updates_and_average(params, None, {"w": jnp.array([0.0])}, 0.25)
+  assert new_p["w"] is params["w"]
+  np.testing.assert_array_equal(new_e["w"], [1.5])
+
+
+def test_fused_decay_may_be_a_traced_schedule_value():
+  schedule = ema_jax.warmup_decay(0.999)
+
+  @jax.jit
+  def step(params, ema, updates, count):
+    return ema_jax.apply_updates_and_average(params, updates, ema, schedule(count))
+
+  params, ema = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
+  _, new_e = step(params, ema, {"w": jnp.zeros(2)}, jnp.asarray(10, jnp.int32))
+  d = float(schedule(jnp.asarray(10, jnp.int32)))
+  np.testing.assert_allclose(new_e["w"], [1 - d, 1 - d], rtol=1e-6)
+
+
+def test_fused_errors_name_the_problem():
+  params = {"a": {"b": jnp.ones(3)}}
+  with pytest.raises(ValueError, match="`decay` must be in"):
+    ema_jax.apply_updates_and_average(params, None, params, 1.5)
+  with pytest.raises(ValueError, match="scalar"):
+    ema_jax.apply_updates_and_average(params, None, params, jnp.ones(2))
+  with pytest.raises(TypeError, match="bool"):
+    ema_jax.apply_updates_and_average(params, None, params, True)
+  with pytest.raises(ValueError, match=r"\['a'\]\['b'\].*shape"):
+    ema_jax.apply_updates_and_average(params, None, {"a": {"b": jnp.ones(4)}}, 0.5)
+  with pytest.raises(ValueError, match="structure"):
+    ema_jax.apply_updates_and_average(params, None, {"c": jnp.ones(3)}, 0.5)
+  debiased = ema_jax.ema(0.9, debias=True).init(params)
+  with pytest.raises(ValueError, match="debias"):
+    ema_jax.apply_updates_and_average(params, None, debiased, 0.5)
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+
+
+def test_benchmark_smoke_mode_runs(tmp_path):
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as `make bench-smoke`
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+  )
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  assert f"JSON written to {out}" in result.stdout
+  report = json.loads(out.read_text())
+  machine = report["machine"]
+  assert machine["cpu_count"] >= 1 and machine["cpu_model"]
+  assert report["versions"]["jax"] == jax.__version__
+  assert report["versions"]["optax"] == optax.__version__
+  ours = "ema_jax ema().update (jit, donated)"
+  groups = {(g["dtype"], g["leaves"]) for g in report["ema"]}
+  assert groups == {("float32", 1), ("float32", 4), ("bfloat16", 1), ("bfloat16", 4)}
+  for group in report["ema"]:
+    case = next(c for c in group["cases"] if c["name"] == ours)
+    assert case["median_s"] > 0 and len(case["samples_s"]) == report["settings"]["rounds"]
+    assert case["gb_per_s"] == pytest.approx(case["bytes"] / case["median_s"] / 1e9)
+    p_bytes = 4 if group["dtype"] == "float32" else 2
+    assert case["bytes"] == group["n"] * (p_bytes + 8)
+    names = [c["name"] for c in group["cases"]]
+    assert any(n.startswith("(a)") for n in names) and any(n.startswith("(f)") for n in names)
+  for group in report["step"]:
+    cases = {c["name"]: c for c in group["cases"]}
+    assert {"without EMA", "ema() in the chain", "apply_updates_and_average"} <= set(cases)
+    assert all(x["temp_bytes"] < group["n"] for x in group["xla"].values())
+  assert {g["optimizer"] for g in report["step"]} == {"sgd", "adam"}
