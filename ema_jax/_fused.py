@@ -48,11 +48,14 @@ def apply_updates_and_average(
   `optax.incremental_update`, and keeps a float32 average of bfloat16 params).
 
   Jit the train step and donate the params and the average, so both are
-  updated in place and the average never exists twice (see the example). The
-  params are read once: backends that fuse several outputs into one loop (GPU,
-  TPU) compute both in one pass; XLA:CPU runs two loops, the second reading the
-  new params back (it has no multi-output fusion), which is still the least
-  traffic XLA:CPU can do for two outputs.
+  updated in place and the average never exists twice (see the example), and
+  pass the gradients as an argument: captured by a closure they become
+  constants, and XLA may then plan an EMA-sized temporary. Both outputs come
+  from one `params + updates`: a compiler with multi-output fusion can write
+  them in one pass. XLA:CPU has none and runs two loops, the second reading the
+  new params back; that is the least traffic it can do for two outputs, and
+  this function makes sure it does no more (no copy of the donated params for
+  bfloat16 params).
 
   Leaves: floating leaves are averaged in the average's own dtype; integer,
   boolean and PRNG-key leaves are carried (the average takes their new value);
