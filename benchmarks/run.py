@@ -194,8 +194,11 @@ def summary(case: Case) -> dict[str, Any]:
     out["skipped"] = case.skipped or "no samples"
     return out
   med = statistics.median(case.samples)
+  q = statistics.quantiles(case.samples, n=4) if len(case.samples) > 1 else [med] * 3
   out.update(
       median_s=med,
+      p25_s=q[0],
+      p75_s=q[2],
       min_s=min(case.samples),
       max_s=max(case.samples),
       samples_s=case.samples,
@@ -409,7 +412,7 @@ def _ema_cases(
       return run
 
     sync = _torch_sync(torch)
-    default_threads = torch.get_num_threads()
+    default_threads = _TORCH[1]
     # torch's OpenMP threads spin at barriers: on a loaded machine its default
     # thread count can be far slower than one thread, so both are shown.
     for threads in dict.fromkeys((default_threads, 1)):
@@ -465,6 +468,8 @@ def _torch() -> Any:
     except Exception:  # absent or broken: skipped, as documented
       torch = None
     _TORCH.append(torch)
+    # Read once: the cases below change it.
+    _TORCH.append(torch.get_num_threads() if torch is not None else 1)
   return _TORCH[0]
 
 
@@ -619,7 +624,9 @@ def print_ema_table(title: str, rows: dict[str, dict[int, dict[str, Any]]], size
     cells = []
     for n in sizes:
       r = by_n.get(n)
-      if r is None or "skipped" in r:
+      if r is None:
+        cells.append("not run".rjust(22))
+      elif "skipped" in r:
         cells.append("skipped".rjust(22))
       else:
         cells.append(f"{_fmt_time(r['median_s'])} ({r['gb_per_s']:.3g})".rjust(22))
