@@ -2,8 +2,8 @@
 
 Run with `make bench` (full) or `make bench-smoke` (tiny sizes, a few seconds).
 Every comparison runs in this one process, in interleaved rounds (each round
-runs every case of a group once, in a rotated order), and reports the median
-over rounds. GB/s counts the bytes a case must move at the least (read the
+runs every case of a group once, in a new random order, each sample after one
+untimed call), and reports the median over rounds. GB/s counts the bytes a case must move at the least (read the
 params and the average, write the average), not what it happens to move, so a
 case that moves more shows a lower figure.
 
@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -150,6 +151,9 @@ def _time_once(case: Case) -> float:
   assert case.run is not None
   if case.before is not None:
     case.before()
+  # One untimed call first, so that a sample measures the steady state of
+  # this case and not the caches, TLB or threads the previous case left.
+  case.sync(case.run())
   t0 = time.perf_counter()
   out = None
   for _ in range(case.reps):
@@ -179,9 +183,11 @@ def run_group(cases: list[Case], rounds: int, min_sample_s: float) -> None:
       case.skipped = f"failed: {type(e).__name__}: {str(e)[:200]}"
       case.run = None
   live = [c for c in cases if c.run is not None]
-  for r in range(rounds):
-    shift = r % max(1, len(live))
-    for case in live[shift:] + live[:shift]:
+  # A new order every round: a fixed or merely rotated order would always put
+  # the same case after the same (possibly memory-hungry) neighbour.
+  rng = random.Random(0)
+  for _ in range(rounds):
+    for case in rng.sample(live, len(live)):
       case.samples.append(_time_once(case))
   for case in cases:  # free the state before the next group
     case.run = None
