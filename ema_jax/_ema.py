@@ -238,11 +238,25 @@ def make_ema(
     rounding_key, leaf_keys = _rounding.split(state.rounding_key, len(p_leaves))
     averaged = [i for i, kind in enumerate(kinds) if kind is _tree.Kind.AVERAGE]
 
+    traced = isinstance(active, jax.core.Tracer)
+    # Under jit the new params are computed outside the cond, where they are
+    # the value the step's `optax.apply_updates` computes anyway. Computed in
+    # the branch, they kept the old params and the updates alive for it: two
+    # EMA-sized temporaries and a 10x slower step with update_every=2 on CPU
+    # (tests/test_performance.py).
+    new_params = (
+        {i: _apply_update(p_leaves[i], u_leaves[i]) for i in averaged}
+        if traced
+        else {}
+    )
+
     def average(old: list[jax.Array]) -> list[jax.Array]:
       new = []
       for i, e in zip(averaged, old):
         e = _memory.put(e, "device" if memory_kind else None)
-        new_p = _apply_update(p_leaves[i], u_leaves[i])
+        new_p = new_params.get(i)
+        if new_p is None:
+          new_p = _apply_update(p_leaves[i], u_leaves[i])
         e = _average(e, new_p, jnp.ones((), bool), decay, leaf_keys[i])
         new.append(_memory.put(e, memory_kind))
       return new
@@ -252,7 +266,7 @@ def make_ema(
     # average to the device and back. Outside jit, a Python `if` keeps the
     # update op by op (a cond would compile it, fusing `d * e + (1 - d) * p`).
     old = [e_leaves[i] for i in averaged]
-    if isinstance(active, jax.core.Tracer):
+    if traced:
       new_list = jax.lax.cond(active, average, list, old)
     else:
       new_list = average(old) if bool(active) else old
