@@ -68,8 +68,9 @@ def ema_tables(report: dict[str, Any]) -> str:
 def step_table(report: dict[str, Any]) -> str:
   out = [
       "\n| step | params | leaves | N | without EMA | `ema()` in the chain | "
-      "`apply_updates_and_average` | byte floor | XLA's bytes | CPU barrier off |",
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "`apply_updates_and_average` | byte floor | XLA's bytes | CPU barrier off | "
+      "`update_every=4` (per step) | its floor |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in report["step"]:
     cases = {c["name"]: c for c in r["cases"]}
@@ -90,7 +91,9 @@ def step_table(report: dict[str, Any]) -> str:
         f"| {r['optimizer']} | {r['dtype']} | {r['leaves']} | {_size(r['n'])} | "
         f"{_time(base['median_s'], False)} | {ratio('ema() in the chain')} | "
         f"{ratio('apply_updates_and_average')} | {r['floor_ratio']:.2f}x | {xla:.2f}x | "
-        f"{ratio(ablation, False) if ablation in cases else ''} |"
+        f"{ratio(ablation, False) if ablation in cases else ''} | "
+        f"{ratio('ema(update_every=4) in the chain')} | "
+        f"{r.get('floor_ratio_update_every', float('nan')):.2f}x |"
     )
   return "\n".join(out)
 

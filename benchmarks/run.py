@@ -45,6 +45,7 @@ import ema_jax  # noqa: E402
 from ema_jax import _ema  # noqa: E402
 
 DECAY = 0.999
+EVERY = 4  # update_every in the train-step section
 MANY_LEAVES = 200
 FULL_SIZES = (10**5, 10**6, 10**7, 10**8)
 SMOKE_SIZES = (10**3,)
@@ -138,9 +139,11 @@ class Case:
       footprint: float = 0.0,
       sync: Callable[[Any], Any] = jax.block_until_ready,
       before: Callable[[], Any] | None = None,
+      steps_per_call: int = 1,
   ):
     self.name, self.make, self.nbytes, self.note = name, make, nbytes, note
     self.footprint, self.sync, self.before = footprint, sync, before
+    self.steps_per_call = steps_per_call  # times are reported per step
     self.samples: list[float] = []
     self.skipped: str | None = None
     self.run: Callable[[], Any] | None = None
@@ -159,7 +162,7 @@ def _time_once(case: Case) -> float:
   for _ in range(case.reps):
     out = case.run()
   case.sync(out)
-  return (time.perf_counter() - t0) / case.reps
+  return (time.perf_counter() - t0) / (case.reps * case.steps_per_call)
 
 
 def run_group(cases: list[Case], rounds: int, min_sample_s: float) -> None:
@@ -509,6 +512,7 @@ def _step_variants(
     return step
 
   chain = optax.chain(opt, ema_jax.ema(DECAY))
+  every = optax.chain(opt, ema_jax.ema(DECAY, update_every=EVERY))
 
   def fused(params: Any, state: Any, grads: Any) -> Any:
     opt_state, ema = state
@@ -519,6 +523,7 @@ def _step_variants(
   return {
       "without EMA": (plain(opt), lambda: opt.init(params)),
       "ema() in the chain": (plain(chain), lambda: chain.init(params)),
+      f"ema(update_every={EVERY}) in the chain": (plain(every), lambda: every.init(params)),
       "apply_updates_and_average": (
           fused,
           lambda: (opt.init(params), ema_jax.ema_params(chain.init(params))),
@@ -546,6 +551,7 @@ def _step_cases(
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
   info: dict[str, Any] = {
       "floor_ratio": with_ema / base,
+      "floor_ratio_update_every": (base + n * 2 * 4 / EVERY) / base,
       "floor_bytes_without_ema": base,
       "floor_bytes_with_ema": with_ema,
   }
@@ -572,14 +578,20 @@ def _step_cases(
       compiled_steps[name] = compiled
 
       def run() -> Any:
-        box[0], box[1] = compiled(box[0], box[1], grads)
+        # With update_every=k, k steps at a time: one averages, k - 1 do not.
+        for _ in range(EVERY if "update_every" in name else 1):
+          box[0], box[1] = compiled(box[0], box[1], grads)
         return box[0]
 
       return run
 
     footprint = n * (p_bytes * (3 + extra // 2) + (4 if "without" not in name else 0))
+    nbytes = base if "without" in name else with_ema
+    if "update_every" in name:
+      nbytes = base + n * 2 * 4 / EVERY
     cases.append(
-        Case(name, make, base if "without" in name else with_ema, footprint=footprint)
+        Case(name, make, nbytes, footprint=footprint,
+             steps_per_call=EVERY if "update_every" in name else 1)
     )
   return cases, info
 
@@ -653,6 +665,7 @@ def print_step_table(results: list[dict[str, Any]]) -> None:
   header = (
       f"{'step':8}{'dtype':7}{'leaves':>7}{'N':>6}  {'without EMA':>12}"
       f"{'ema() chain':>22}{'apply_updates_and_avg':>24}{'floor':>7}{'XLA bytes':>10}"
+      f"{f'update_every={EVERY}':>24}{'its floor':>10}"
   )
   print(header)
   for r in results:
@@ -673,6 +686,8 @@ def print_step_table(results: list[dict[str, Any]]) -> None:
         f"{r['optimizer']:8}{r['dtype']:7}{r['leaves']:>7}{_fmt_size(r['n']):>6}  "
         f"{_fmt_time(base['median_s']):>12}{cell('ema() in the chain', 22)}"
         f"{cell('apply_updates_and_average', 24)}{r['floor_ratio']:>6.2f}x{xla:>9.2f}x"
+        f"{cell(f'ema(update_every={EVERY}) in the chain', 24)}"
+        f"{r['floor_ratio_update_every']:>9.2f}x"
     )
     ab = "ema() in the chain, CPU barrier off (ablation)"
     if ab in cases and "median_s" in cases[ab]:

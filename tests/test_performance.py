@@ -54,11 +54,11 @@ def _fused_step(opt: optax.GradientTransformation, decay: float = 0.999):
   return step
 
 
-def _memory(path: str, opt_name: str, leaves: int, dtype: Any):
+def _memory(path: str, opt_name: str, leaves: int, dtype: Any, **ema_kwargs: Any):
   params = _shapes(leaves, dtype)
   opt = OPTIMIZERS[opt_name]()
   if path == "chain":
-    tx = optax.chain(opt, ema_jax.ema(0.999))
+    tx = optax.chain(opt, ema_jax.ema(0.999, **ema_kwargs))
     step, state = _chain_step(tx), jax.eval_shape(tx.init, params)
   else:
     ema_tx = ema_jax.ema(0.999)
@@ -82,6 +82,21 @@ def test_donated_step_has_no_ema_sized_temporary(path, opt_name, dtype, leaves):
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   param_bytes = N * jnp.dtype(dtype).itemsize
   assert mem.alias_size_in_bytes >= param_bytes + state_bytes - 64, mem
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "kwargs", [{"update_every": 2}, {"debias": True}, {"start_step": 3}],
+    ids=["update_every", "debias", "start_step"],
+)
+def test_options_add_no_ema_sized_temporary(opt_name, dtype, kwargs):
+  # update_every averages under a lax.cond: the branch must read the step's new
+  # params, not keep the old params and the updates alive for itself.
+  mem, state = _memory("chain", opt_name, 1, dtype, **kwargs)
+  assert mem.temp_size_in_bytes < N * 4 // 64, mem
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  assert mem.alias_size_in_bytes >= N * jnp.dtype(dtype).itemsize + state_bytes - 64, mem
 
 
 def test_memory_check_sees_the_closure_trap():
