@@ -67,8 +67,8 @@ def apply_updates_and_average(
     updates: the optimizer's updates, a tree like `params`, or `None` when the
       params are already updated (then only the average moves).
     ema: the average, a tree like `params` (e.g. `ema_jax.ema_params(state)`),
-      or an `EmaState` (without `debias`); an `EmaState` is returned with its
-      count advanced by one.
+      or an `EmaState` (without `debias` or stochastic rounding); an
+      `EmaState` is returned with its count advanced by one.
     decay: the weight of the old average: a float in [0, 1] or a scalar array
       (e.g. a schedule evaluated at the step: `warmup_decay(0.999)(count)`).
       0 copies the new params.
@@ -78,8 +78,8 @@ def apply_updates_and_average(
 
   Raises:
     ValueError, TypeError: `decay` outside [0, 1] or not a scalar; trees of
-      different structure or shapes (the message names the leaf); a swapped or
-      debiased `EmaState`.
+      different structure or shapes (the message names the leaf); a swapped,
+      debiased or stochastically rounded `EmaState`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, ema_jax
@@ -110,6 +110,12 @@ def apply_updates_and_average(
           "`ema` is an EmaState built with `debias=True`, whose decay depends "
           "on its history; update it through its transformation "
           "(`tx.update`), not with a fixed `decay`."
+      )
+    if ema.rounding_key is not None:
+      raise ValueError(
+          "`ema` is an EmaState built with `rounding='stochastic'`; update it "
+          "through its transformation (`tx.update`), which draws the rounding "
+          "noise from its key."
       )
     state, ema = ema, ema.ema
 

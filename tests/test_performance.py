@@ -264,6 +264,9 @@ def test_fused_errors_name_the_problem():
   debiased = ema_jax.ema(0.9, debias=True).init(params)
   with pytest.raises(ValueError, match="debias"):
     ema_jax.apply_updates_and_average(params, None, debiased, 0.5)
+  stochastic = ema_jax.ema(0.9, ema_dtype=jnp.bfloat16, rounding="stochastic").init(params)
+  with pytest.raises(ValueError, match="stochastic"):
+    ema_jax.apply_updates_and_average(params, None, stochastic, 0.5)
 
 
 # ---------------------------------------------------------------------------
