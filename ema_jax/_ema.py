@@ -145,6 +145,37 @@ def _average(
   return jnp.where(active, stored, e)
 
 
+def unpack_update(
+    updates: Any,
+    state: Any,
+    params: Any,
+    mask: _tree.MaskOrFn,
+    *,
+    swapped: type,
+    what: str,
+) -> tuple[list[Any], Any, list[Any], list[Any], list[_tree.Kind]]:
+  """Refuse a swapped state or missing params; align updates and state leaves.
+
+  Returns the params' `(path, leaf)` pairs, their treedef, the updates' and the
+  state's leaves aligned with them, and each leaf's kind.
+  """
+  if isinstance(state, swapped):
+    raise RuntimeError(
+        f"ema_jax: `update` got a swapped {what}: the EMA weights are in "
+        "`params` and the raw weights are held in the optimizer state. Swap "
+        "back first: `params, opt_state = ema_jax.swap(params, opt_state)`."
+    )
+  if params is None:
+    raise ValueError(
+        "ema_jax needs `params`: call `tx.update(grads, opt_state, params)` "
+        "(the EMA is taken of `params + updates`)."
+    )
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  u_leaves = _tree.flatten_like(treedef, updates, "updates")
+  e_leaves = _tree.flatten_like(treedef, state.ema, what)
+  return flat, treedef, u_leaves, e_leaves, _tree.leaf_kinds(params, mask)
+
+
 def make_ema(
     rule: Rule,
     *,
@@ -195,23 +226,11 @@ def make_ema(
   def update_fn(
       updates: optax.Updates, state: EmaState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, EmaState]:
-    if isinstance(state, SwappedEmaState):
-      raise RuntimeError(
-          "ema_jax: `update` got a swapped EMA state: the EMA weights are in "
-          "`params` and the raw weights are held in the optimizer state. Swap "
-          "back first: `params, opt_state = ema_jax.swap(params, opt_state)`."
-      )
-    if params is None:
-      raise ValueError(
-          "ema_jax.ema needs `params`: call `tx.update(grads, opt_state, "
-          "params)` (the EMA is taken of `params + updates`)."
-      )
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef, u_leaves, e_leaves, kinds = unpack_update(
+        updates, state, params, mask, swapped=SwappedEmaState, what="EMA state"
+    )
     paths = [path for path, _ in flat]
     p_leaves = [p for _, p in flat]
-    u_leaves = _tree.flatten_like(treedef, updates, "updates")
-    e_leaves = _tree.flatten_like(treedef, state.ema, "EMA state")
-    kinds = _tree.leaf_kinds(params, mask)
     _tree.check_leaves(paths, p_leaves, e_leaves, kinds, ema_dtype, "EMA state")
 
     active, decay = rule(state.count)

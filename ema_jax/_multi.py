@@ -170,22 +170,11 @@ def multi_ema(
       state: MultiEmaState,
       params: optax.Params | None = None,
   ) -> tuple[optax.Updates, MultiEmaState]:
-    if isinstance(state, SwappedMultiEmaState):
-      raise RuntimeError(
-          "ema_jax: `update` got a swapped multi-EMA state: one average is in "
-          "`params` and the raw weights are held in the optimizer state. Swap "
-          "back first: `params, opt_state = ema_jax.swap(params, opt_state)`."
-      )
-    if params is None:
-      raise ValueError(
-          "ema_jax.multi_ema needs `params`: call `tx.update(grads, opt_state, "
-          "params)` (the EMAs are taken of `params + updates`)."
-      )
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, treedef, u_leaves, e_leaves, kinds = _ema.unpack_update(
+        updates, state, params, mask,
+        swapped=SwappedMultiEmaState, what="multi-EMA state",
+    )
     p_leaves = [p for _, p in flat]
-    u_leaves = _tree.flatten_like(treedef, updates, "updates")
-    e_leaves = _tree.flatten_like(treedef, state.ema, "multi-EMA state")
-    kinds = _tree.leaf_kinds(params, mask)
     # Check each stacked leaf as the single average it holds `n` of.
     unstacked = [
         jax.ShapeDtypeStruct(jnp.shape(e)[1:], e.dtype)
