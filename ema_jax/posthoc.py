@@ -625,6 +625,12 @@ class SweepResult(NamedTuple):
     best_score: its score.
     scores: every width tried, mapped to its score, in the order given.
     best_params: the synthesized EMA of the best width.
+
+  Examples:
+    >>> from ema_jax.posthoc import SweepResult
+    >>> result = SweepResult(0.1, 0.93, {0.05: 0.91, 0.1: 0.93}, best_params=None)
+    >>> result.best_sigma_rel, max(result.scores, key=result.scores.get)
+    (0.1, 0.1)
   """
 
   best_sigma_rel: float

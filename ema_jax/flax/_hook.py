@@ -165,31 +165,101 @@ class SwapEMAWeights:
     self.which = which
 
   def on_epoch_begin(self, target: Any, optimizer: Any = None) -> Any:
-    """With `swap_on_epoch=True`, put the raw weights back before training."""
+    """With `swap_on_epoch=True`, put the raw weights back before training.
+
+    Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+    >>> from flax.training.train_state import TrainState
+    >>> state = TrainState.create(apply_fn=None, params={"w": jnp.array([2.0])},
+    ...     tx=optax.chain(optax.sgd(1.0), ema_jax.ema(0.5)))
+    >>> state = state.apply_gradients(grads={"w": jnp.array([2.0])})  # params 0, EMA 1
+    >>> hook = ema_jax.flax.SwapEMAWeights(swap_on_epoch=True)
+    >>> hook.on_epoch_begin(hook.on_epoch_end(state)).params["w"]  # raw weights
+    Array([0.], dtype=float32)
+    """
     if not self.swap_on_epoch:
       return _unchanged(target)
     return _set(target, optimizer, self.which, ema_in=False)
 
   def on_epoch_end(self, target: Any, optimizer: Any = None) -> Any:
-    """With `swap_on_epoch=True`, leave the EMA weights in the model."""
+    """With `swap_on_epoch=True`, leave the EMA weights in the model.
+
+    A checkpoint written after it holds the EMA weights as params.
+
+    Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+    >>> from flax.training.train_state import TrainState
+    >>> state = TrainState.create(apply_fn=None, params={"w": jnp.array([2.0])},
+    ...     tx=optax.chain(optax.sgd(1.0), ema_jax.ema(0.5)))
+    >>> state = state.apply_gradients(grads={"w": jnp.array([2.0])})  # params 0, EMA 1
+    >>> ema_jax.flax.SwapEMAWeights(swap_on_epoch=True).on_epoch_end(state).params["w"]
+    Array([1.], dtype=float32)
+    >>> ema_jax.flax.SwapEMAWeights().on_epoch_end(state).params["w"]  # default: no swap
+    Array([0.], dtype=float32)
+    """
     if not self.swap_on_epoch:
       return _unchanged(target)
     return _set(target, optimizer, self.which, ema_in=True)
 
   def on_test_begin(self, target: Any, optimizer: Any = None) -> Any:
-    """Put the EMA weights in for evaluation (no-op if they are in)."""
+    """Put the EMA weights in for evaluation (no-op if they are in).
+
+    Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+    >>> from flax.training.train_state import TrainState
+    >>> state = TrainState.create(apply_fn=None, params={"w": jnp.array([2.0])},
+    ...     tx=optax.chain(optax.sgd(1.0), ema_jax.ema(0.5)))
+    >>> state = state.apply_gradients(grads={"w": jnp.array([2.0])})  # params 0, EMA 1
+    >>> hook = ema_jax.flax.SwapEMAWeights()
+    >>> hook.on_test_begin(hook.on_test_begin(state)).params["w"]  # twice: still the EMA
+    Array([1.], dtype=float32)
+    """
     return _set(target, optimizer, self.which, ema_in=True)
 
   def on_test_end(self, target: Any, optimizer: Any = None) -> Any:
-    """Put the raw weights back after evaluation (no-op if they are in)."""
+    """Put the raw weights back after evaluation (no-op if they are in).
+
+    Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+    >>> from flax.training.train_state import TrainState
+    >>> state = TrainState.create(apply_fn=None, params={"w": jnp.array([2.0])},
+    ...     tx=optax.chain(optax.sgd(1.0), ema_jax.ema(0.5)))
+    >>> state = state.apply_gradients(grads={"w": jnp.array([2.0])})  # params 0, EMA 1
+    >>> hook = ema_jax.flax.SwapEMAWeights()
+    >>> hook.on_test_end(hook.on_test_begin(state)).params["w"]
+    Array([0.], dtype=float32)
+    >>> hook.on_test_end(state).params["w"]  # nothing to restore: unchanged
+    Array([0.], dtype=float32)
+    """
     return _set(target, optimizer, self.which, ema_in=False)
 
   def on_predict_begin(self, target: Any, optimizer: Any = None) -> Any:
-    """Put the EMA weights in for prediction (no-op if they are in)."""
+    """Put the EMA weights in for prediction (no-op if they are in).
+
+    Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+    >>> from flax.training.train_state import TrainState
+    >>> state = TrainState.create(apply_fn=None, params={"w": jnp.array([2.0])},
+    ...     tx=optax.chain(optax.sgd(1.0), ema_jax.ema(0.5)))
+    >>> state = state.apply_gradients(grads={"w": jnp.array([2.0])})  # params 0, EMA 1
+    >>> ema_jax.flax.SwapEMAWeights().on_predict_begin(state).params["w"]
+    Array([1.], dtype=float32)
+    """
     return _set(target, optimizer, self.which, ema_in=True)
 
   def on_predict_end(self, target: Any, optimizer: Any = None) -> Any:
-    """Put the raw weights back after prediction (Keras forgets to)."""
+    """Put the raw weights back after prediction (Keras forgets to).
+
+    Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax
+    >>> from flax.training.train_state import TrainState
+    >>> state = TrainState.create(apply_fn=None, params={"w": jnp.array([2.0])},
+    ...     tx=optax.chain(optax.sgd(1.0), ema_jax.ema(0.5)))
+    >>> state = state.apply_gradients(grads={"w": jnp.array([2.0])})  # params 0, EMA 1
+    >>> hook = ema_jax.flax.SwapEMAWeights()
+    >>> hook.on_predict_end(hook.on_predict_begin(state)).params["w"]
+    Array([0.], dtype=float32)
+    """
     return _set(target, optimizer, self.which, ema_in=False)
 
   def __repr__(self) -> str:
