@@ -348,7 +348,10 @@ def ema(
       jax-traceable callable of the step count returning a scalar, e.g.
       `ema_jax.warmup_decay(0.9999)`). The schedule's step is the number of
       updates since averaging began (0 at the first averaged update). It is
-      probed at a few steps when the transformation is built.
+      probed at a few steps when the transformation is built. To change the
+      decay during training, pass a schedule: `optax.inject_hyperparams(
+      ema_jax.ema)` does not work under jit, because the options are checked
+      (and `update_every` is structural) when the transformation is built.
     start_step: for the first `start_step` updates the average copies the new
       params (TensorFlow Addons' `start_step`; Keras' first step is
       `start_step=1`).
@@ -380,7 +383,10 @@ def ema(
       moves the average to the device and back inside the jitted step, as
       transfers XLA schedules, so the device holds no average between steps.
       `ema_params(state, memory_kind='device')` and `swap(params, state,
-      memory_kind='device')` bring it to device memory to evaluate.
+      memory_kind='device')` bring it to device memory to evaluate. Commit
+      the params to the device (`jax.device_put(params)`) before the first
+      step: the offloaded average is committed, and uncommitted params make
+      the jitted step compile a second time.
 
   Returns:
     An `optax.GradientTransformation` with state `EmaState`.

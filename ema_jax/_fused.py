@@ -28,6 +28,8 @@ def _as_decay(decay: Union[float, jax.Array]) -> jax.Array:
     raise TypeError(
         f"`decay` must be a floating scalar, got dtype {jnp.result_type(decay)}."
     )
+  if not isinstance(decay, jax.core.Tracer):
+    _schedules._check_unit_interval("decay", float(decay))
   return jnp.asarray(decay)
 
 

@@ -10,6 +10,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ema_jax import _ema
+from ema_jax import _swap_check
 from ema_jax import _tree
 
 
@@ -285,6 +286,7 @@ def swap(
       out_params.append(e[index] if _is_stacked(e) else e)
       new_ema.append(e)
     else:
+      _swap_check.refuse_raw_params(path, p, h)
       out_params.append(h)
       if _is_stacked(e):
         if jnp.result_type(p) != e.dtype:
@@ -293,7 +295,9 @@ def swap(
               f"dtype {e.dtype}, got {jnp.result_type(p)}. Pass back the "
               "params that `swap` returned."
           )
-        new_ema.append(e.at[index].set(p))
+        # The stack still holds average `index` as it was: keep it and drop
+        # `p` (the copy `swap` handed out), so swapping back writes nothing.
+        new_ema.append(e)
       else:
         new_ema.append(p)
     kept.append(p)

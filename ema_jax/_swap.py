@@ -10,6 +10,7 @@ import optax
 
 from ema_jax import _memory
 from ema_jax import _multi
+from ema_jax import _swap_check
 from ema_jax import _tree
 from ema_jax._state import EmaState, SwappedEmaState, is_ema_state
 
@@ -71,7 +72,10 @@ def ema_params(
   The state may be nested (`optax.chain`, `optax.MultiSteps`,
   `optax.inject_hyperparams`, a Flax `TrainState.opt_state`...). Leaves that
   `mask` excluded are `None`; integer, boolean and key leaves hold the latest
-  params' values. Nothing is computed or copied.
+  params' values. Nothing is computed or copied: the arrays returned are the
+  state's own, so a jitted step that donates the optimizer state deletes them;
+  copy them first (`jax.tree.map(jnp.copy, ...)`, or
+  `ema_jax.flax.export_ema`) to keep them across a donated step.
 
   Args:
     state: an optimizer state containing exactly one EMA state, or several and
@@ -139,7 +143,11 @@ def swap(
 
   Pure and exact: it returns the EMA as params and a state holding the former
   params in the EMA's place; calling it again gives both trees back bit for
-  bit. Nothing is computed or copied (under jit it compiles to no arithmetic).
+  bit. For an `ema()` state nothing is computed or copied (under jit it
+  compiles to no arithmetic); for a `multi_ema` state, swapping in slices out
+  average `index` (a copy of one average) and swapping back writes nothing.
+  Outside jit, swapping back with the raw params instead of the EMA weights
+  `swap` returned raises an error rather than overwrite the EMA.
   Swapped params keep the EMA's dtype (float32 for bfloat16 params by default).
   Leaves that `mask` excluded stay as they are in `params`.
 
@@ -209,6 +217,8 @@ def swap(
           f"{jax.numpy.shape(p)} but the EMA state holds shape "
           f"{jax.numpy.shape(h)}."
       )
+    if isinstance(found, SwappedEmaState):
+      _swap_check.refuse_raw_params(path, p, h)
     if memory_kind is not None:
       h, p = _memory.put(h, memory_kind), _memory.same_memory_as(p, h)
     out_params.append(h)

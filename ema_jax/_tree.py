@@ -87,16 +87,43 @@ def leaf_kinds(params: Any, mask: MaskOrFn) -> list[Kind]:
   return kinds
 
 
+def _differences(params: Any, tree: Any, name: str) -> str:
+  """Where two trees differ, as leaf paths (None kept as a leaf)."""
+
+  def paths(x: Any) -> set[str]:
+    flat = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda v: v is None)[0]
+    return {path_str(path) for path, _ in flat}
+
+  only_params = sorted(paths(params) - paths(tree))[:3]
+  only_tree = sorted(paths(tree) - paths(params))[:3]
+  parts = []
+  if only_params:
+    parts.append(f"missing from {name}: {', '.join(only_params)}")
+  if only_tree:
+    parts.append(f"not in params: {', '.join(only_tree)}")
+  return "; ".join(parts)
+
+
 def flatten_like(params_def: Any, tree: Any, what: str) -> list[Any]:
   """Leaves of `tree` aligned with the leaves of `params_def` (None kept)."""
   try:
     return params_def.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"The params tree does not have the structure of the {what}. Pass the "
-        "same params tree (same keys, same containers) that was given to "
-        f"`init`. Details: {e}"
-    ) from None
+    params = jax.tree.unflatten(params_def, [0] * params_def.num_leaves)
+    name = "updates" if what == "updates" else f"the {what}"
+    where = _differences(params, tree, name) or str(e)
+    if what == "updates":
+      message = (
+          "`updates` do not have the structure of `params` "
+          f"({where}). Pass the updates (gradients) for these params."
+      )
+    else:
+      message = (
+          f"`params` do not have the structure of the {what} ({where}). Pass "
+          "the same params tree (same keys, same containers) that was given "
+          "to `init`, or re-run `init` after changing the model."
+      )
+    raise ValueError(message) from None
 
 
 def check_leaves(

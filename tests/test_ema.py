@@ -761,3 +761,13 @@ def test_moving_average_bad_arguments():
                            dynamic_decay=True)
   with pytest.raises(ValueError, match=r"`decay` must be in \[0, 1\]"):
     ema_jax.moving_average(optax.sgd(0.1), 1.2, dynamic_decay=True)
+
+
+def test_structure_errors_name_the_differing_leaf_and_the_argument():
+  tx = ema_jax.ema(0.9)
+  params = {"a": {"v": jnp.ones(2), "w": jnp.ones(2)}}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"`params` do not have the structure of the EMA state \(not in params: \['a'\]\['v'\]\)"):
+    tx.update({"a": {"w": jnp.ones(2)}}, state, {"a": {"w": jnp.ones(2)}})
+  with pytest.raises(ValueError, match=r"`updates` do not have the structure of `params` \(missing from updates: \['a'\]\['v'\]\)"):
+    tx.update({"a": {"w": jnp.ones(2)}}, state, params)

@@ -303,3 +303,10 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     assert {"without EMA", "ema() in the chain", "apply_updates_and_average"} <= set(cases)
     assert all(x["temp_bytes"] < group["n"] for x in group["xla"].values())
   assert {g["optimizer"] for g in report["step"]} == {"sgd", "adam"}
+
+
+def test_fused_update_refuses_a_concrete_decay_outside_unit_interval():
+  with pytest.raises(ValueError, match=r"`decay` must be in \[0, 1\]"):
+    ema_jax.apply_updates_and_average(
+        jnp.ones(2), jnp.ones(2), jnp.ones(2), jnp.float32(1.5)
+    )

@@ -226,3 +226,14 @@ def test_schedules_are_accepted_by_ema(name):
   state = tx.init(jnp.zeros(()))
   _, state = tx.update(jnp.zeros(()), state, jnp.ones(()))
   assert float(state.ema) == pytest.approx(1.0 - expected()[0], abs=1e-6)
+
+
+def test_power_decay_does_not_freeze_in_float32_past_2_to_the_24():
+  gamma = 6.94
+  schedule = ema_jax.power_decay(gamma=gamma)
+  for t in (2**20, 2**25, 3 * 10**7):
+    one_minus = 1.0 - float(schedule(jnp.int32(t - 1)))
+    exact = -np.expm1((gamma + 1) * np.log1p(-1.0 / t))
+    assert one_minus > 0  # `1 - 1/t` rounded to 1 froze the average here
+    # float32 resolves 1 - decay to ~6e-8 absolute near 1.
+    assert abs(one_minus - exact) <= 1.2e-7, (t, one_minus, exact)

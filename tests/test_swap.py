@@ -274,3 +274,32 @@ def test_swap_eval_swap_back_keeps_the_trajectory(jit):
       params, state = swap(ema_weights, swapped)
     assert_bitwise_equal(params, plain_params)
     assert_bitwise_equal(state, plain_state)
+
+
+def test_swapping_back_with_the_raw_params_is_refused():
+  tx = optax.chain(optax.sgd(1.0), ema_jax.ema(0.5))
+  params = {"w": jnp.array([2.0]), "n": jnp.int32(3)}
+  state = tx.init(params)
+  updates, state = tx.update({"w": jnp.array([2.0]), "n": None}, state, params)
+  params = {"w": params["w"] + updates["w"], "n": params["n"]}
+  ema_weights, swapped = ema_jax.swap(params, state)
+  with pytest.raises(ValueError, match=r"Leaf \['n'\].*raw params"):
+    ema_jax.swap(params, swapped)  # the typo: raw params instead of ema_weights
+  back, state_back = ema_jax.swap(ema_weights, swapped)
+  assert_bitwise_equal(back, params)
+  np.testing.assert_array_equal(ema_jax.ema_params(state_back)["w"], [1.0])
+
+
+def test_multi_ema_swap_back_writes_nothing():
+  tx = ema_jax.multi_ema([0.5, 0.9])
+  params = {"w": jnp.arange(4.0)}
+  state = tx.init(params)
+  _, state = tx.update({"w": jnp.ones(4)}, state, params)
+  ema_weights, swapped = ema_jax.swap(params, state, index=1)
+  with pytest.raises(ValueError, match="raw params"):
+    ema_jax.swap(params, swapped)
+  back, restored = ema_jax.swap(ema_weights, swapped)
+  assert back["w"] is params["w"]
+  assert restored.ema["w"] is state.ema["w"]  # the stack itself, not a rewrite
+  compiled = jax.jit(ema_jax.swap).lower(ema_weights, swapped).compile().as_text()
+  assert "dynamic-update-slice" not in compiled and "select" not in compiled
