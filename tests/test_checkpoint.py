@@ -279,3 +279,113 @@ def test_nnx_export(tmp_path):
     y_hook = model(batch(0))
   assert_bitwise(fresh(batch(0)), y_hook)
   assert_bitwise(exported(batch(0)), y_hook)
+
+
+# ------------------------------------------------------- multi-EMA states
+
+
+def multi_tx(tmp_path):
+  # The post-hoc tracker's two power EMAs, as the optimizer's only EMA.
+  tracker = ema_jax.posthoc.Snapshotter(tmp_path / "snapshots", every=100)
+  return optax.chain(optax.adam(1e-2), tracker.ema())
+
+
+def multi_linen_state(tx, seed):
+  from flax.training import train_state
+
+  variables = LINEN_MODEL.init(jax.random.key(seed), batch(0), train=False)
+  state = train_state.TrainState.create(
+      apply_fn=LINEN_MODEL.apply, params=variables["params"], tx=tx
+  )
+  return state.replace(step=jnp.zeros((), jnp.int32)), variables["batch_stats"]
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def multi_linen_train(state, batch_stats, steps):
+  def loss(params, x):
+    y = state.apply_fn(
+        {"params": params, "batch_stats": batch_stats}, x, train=False
+    )
+    return jnp.mean((y - 1.0) ** 2)
+
+  for _ in range(steps):
+    state = state.apply_gradients(grads=jax.grad(loss)(state.params, batch(state.step)))
+  return state
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["raw", "average-1-swapped-in"])
+def test_linen_multi_ema_resume_is_bitwise(tmp_path, swapped):
+  tx = multi_tx(tmp_path)
+  state, stats = multi_linen_state(tx, 0)
+  uninterrupted = multi_linen_train(state, stats, N_STEPS)
+  state = multi_linen_train(state, stats, STOP_AT)
+  if swapped:
+    with pytest.raises(ValueError, match="pass `index=i`"):
+      ema_jax.flax.SwapEMAWeights(swap_on_epoch=True).on_epoch_end(state)
+    state = ema_jax.flax.SwapEMAWeights(swap_on_epoch=True, index=1).on_epoch_end(state)
+    assert ema_jax.flax.is_swapped(state)
+    assert int(state.opt_state[1].index) == 1
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    assert ema_jax.flax.save_checkpoint(manager, STOP_AT, state)
+    manager.wait_until_finished()
+
+  template, _ = multi_linen_state(tx, 1)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    restored = ema_jax.flax.restore_checkpoint(manager, template)
+  assert not ema_jax.flax.is_swapped(restored)
+  assert type(restored.opt_state[1]) is ema_jax.MultiEmaState
+  assert int(restored.opt_state[1].count) == STOP_AT
+  resumed = multi_linen_train(restored, stats, N_STEPS - STOP_AT)
+
+  assert_bitwise(resumed.params, uninterrupted.params)
+  assert_bitwise(resumed.opt_state, uninterrupted.opt_state)
+  averages = [ema_jax.ema_params(resumed.opt_state, i) for i in range(2)]
+  kernel = resumed.params["Dense_0"]["kernel"]
+  assert not np.array_equal(averages[0]["Dense_0"]["kernel"], kernel)
+  assert not np.array_equal(averages[0]["Dense_0"]["kernel"], averages[1]["Dense_0"]["kernel"])
+
+
+class SmallNet(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(3, 4, rngs=rngs)
+    self.out = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.dense(x)))
+
+
+MULTI_NNX_TX = optax.chain(optax.adam(1e-2), ema_jax.multi_ema([0.5, 0.9]))
+
+
+def multi_nnx_setup(seed):
+  model = SmallNet(nnx.Rngs(seed))
+  return model, nnx.Optimizer(model, MULTI_NNX_TX, wrt=nnx.Param)
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["raw", "average-1-swapped-in"])
+def test_nnx_multi_ema_resume_is_bitwise(tmp_path, swapped):
+  model, optimizer = multi_nnx_setup(0)
+  nnx_train(model, optimizer, 0, N_STEPS)
+  uninterrupted = nnx.state(model), nnx.state(optimizer)
+
+  model, optimizer = multi_nnx_setup(0)
+  nnx_train(model, optimizer, 0, STOP_AT)
+  if swapped:
+    ema_jax.flax.SwapEMAWeights(swap_on_epoch=True, index=1).on_epoch_end(model, optimizer)
+    assert ema_jax.flax.is_swapped(optimizer)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    ema_jax.flax.save_checkpoint(manager, STOP_AT, model, optimizer)
+    manager.wait_until_finished()
+
+  model, optimizer = multi_nnx_setup(5)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    assert ema_jax.flax.restore_checkpoint(manager, model, optimizer) is None
+  assert not ema_jax.flax.is_swapped(optimizer)
+  assert int(optimizer.opt_state[1].count[...]) == STOP_AT
+  nnx_train(model, optimizer, STOP_AT, N_STEPS)
+
+  model_state, optimizer_state = uninterrupted
+  assert_bitwise(nnx.state(model), model_state)
+  assert_bitwise(nnx.state(optimizer), optimizer_state)
+  averages = [ema_jax.ema_params(nnx.as_pure(optimizer.opt_state), i) for i in range(2)]
+  assert not np.array_equal(averages[0]["dense"]["kernel"], averages[1]["dense"]["kernel"])

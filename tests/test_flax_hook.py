@@ -546,3 +546,159 @@ def test_nnx_batch_stats_averaged_on_request():
   exported = ema_jax.flax.export_ema(model, optimizer)
   assert_bitwise(nnx.as_pure(nnx.state(exported, nnx.BatchStat)), stats_ema)
   assert_bitwise(nnx.state(model), before)
+
+
+# ---------------------------------------------------------- multi-EMA states
+
+
+MULTI_DECAYS = (0.5, 0.9)
+MULTI_TX = optax.chain(optax.sgd(0.5), ema_jax.multi_ema(list(MULTI_DECAYS)))
+MULTI_GRADS = (1.0, -3.0)
+
+
+def multi_linen_state():
+  params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+  state = train_state.TrainState.create(apply_fn=None, params=params, tx=MULTI_TX)
+  for g in MULTI_GRADS:
+    state = state.apply_gradients(grads={"w": jnp.array([g, 2 * g]), "b": jnp.array(g)})
+  return state
+
+
+def multi_by_hand(decay):
+  """e_0 = p_0; e_t = d e_{t-1} + (1 - d) p_t, with p_t from SGD, in float64."""
+  p = {"w": np.array([1.0, -2.0]), "b": np.array(0.5)}
+  e = dict(p)
+  for g in MULTI_GRADS:
+    p = {"w": p["w"] - 0.5 * np.array([g, 2 * g]), "b": p["b"] - 0.5 * g}
+    e = {k: decay * e[k] + (1 - decay) * p[k] for k in e}
+  return e
+
+
+def test_linen_hook_swaps_one_average_of_a_multi_ema_in_and_back():
+  state = multi_linen_state()
+  averages = [ema_jax.ema_params(state.opt_state, i) for i in range(2)]
+  for average, decay in zip(averages, MULTI_DECAYS):
+    for k, v in multi_by_hand(decay).items():
+      np.testing.assert_allclose(average[k], v, rtol=1e-6)
+  assert not np.array_equal(averages[0]["w"], averages[1]["w"])
+
+  with pytest.raises(ValueError, match="pass `index=i`"):
+    ema_jax.flax.SwapEMAWeights().on_test_begin(state)
+  with pytest.raises(ValueError, match="single EMA"):
+    ema_jax.flax.SwapEMAWeights(index=1).on_test_begin(linen_state())
+  with pytest.raises(TypeError, match="`index` must be an int"):
+    ema_jax.flax.SwapEMAWeights(index="1")
+
+  hook = ema_jax.flax.SwapEMAWeights(index=1)
+  ema_in = hook.on_test_begin(state)
+  assert ema_jax.flax.is_swapped(ema_in)
+  assert_bitwise(ema_in.params, averages[1])
+  assert hook.on_test_begin(ema_in) is ema_in  # already in: no-op
+  back = hook.on_test_end(ema_in)
+  assert not ema_jax.flax.is_swapped(back)
+  assert_bitwise(back.params, state.params)
+  assert_bitwise(back.opt_state, state.opt_state)
+  # Swapping back needs no index: the swapped state records it.
+  assert_bitwise(ema_jax.flax.SwapEMAWeights().on_test_end(ema_in).params, state.params)
+
+  with ema_jax.flax.ema_weights(state, index=0) as ema0:
+    assert_bitwise(ema0.params, averages[0])
+  assert_bitwise(ema_jax.flax.export_ema(state, index=1)["params"], averages[1])
+
+
+def test_nnx_hook_swaps_one_average_of_a_multi_ema_in_and_back():
+  model = Net(nnx.Rngs(0, dropout=1))
+  optimizer = nnx.Optimizer(model, MULTI_TX, wrt=nnx.Param)
+  for i in range(2):
+    nnx_step(model, optimizer, X * (i + 1))
+  before = nnx.state(model)
+  opt_before = nnx.state(optimizer)
+  averages = [ema_jax.ema_params(nnx.as_pure(optimizer.opt_state), i) for i in range(2)]
+
+  with pytest.raises(ValueError, match="pass `index=i`"):
+    ema_jax.flax.SwapEMAWeights().on_test_begin(model, optimizer)
+  assert_bitwise(nnx.state(model), before)  # the failed swap changed nothing
+
+  hook = ema_jax.flax.SwapEMAWeights(index=1)
+  hook.on_test_begin(model, optimizer)
+  assert ema_jax.flax.is_swapped(optimizer)
+  assert_bitwise(nnx.as_pure(nnx.state(model, nnx.Param)), averages[1])
+  hook.on_test_end(model, optimizer)
+  assert_bitwise(nnx.state(model), before)
+  assert_bitwise(nnx.state(optimizer), opt_before)
+
+  with ema_jax.flax.ema_weights(model, optimizer, index=0):
+    assert_bitwise(nnx.as_pure(nnx.state(model, nnx.Param)), averages[0])
+  assert_bitwise(nnx.state(model), before)
+  exported = ema_jax.flax.export_ema(model, optimizer, index=1)
+  assert_bitwise(nnx.as_pure(nnx.state(exported, nnx.Param)), averages[1])
+  assert_bitwise(nnx.state(model), before)
+
+
+# ------------------------------------- statistics' EMA under optax.MultiSteps
+
+
+K = 4  # every_k_schedule
+CALLS = 10  # real updates at calls 4 and 8; 9 and 10 only accumulate
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_linen_stats_ema_steps_only_with_the_params_ema(jit):
+  ema = ema_jax.ema(0.5)
+  state = ema_jax.flax.TrainState.create(
+      apply_fn=None,
+      params={"w": jnp.zeros(2)},
+      tx=optax.MultiSteps(optax.chain(optax.sgd(0.1), ema), every_k_schedule=K),
+      batch_stats={"m": jnp.zeros(2)},
+      average_stats=ema,
+  )
+
+  def step(state, i):
+    stats = {"m": jnp.array([1.0, 3.0]) * (i + 1)}
+    return state.apply_gradients(grads={"w": jnp.ones(2)}, batch_stats=stats)
+
+  step = jax.jit(step) if jit else step
+  history = [state.batch_stats]  # the statistics at real updates
+  for i in range(CALLS):
+    state = step(state, i)
+    if (i + 1) % K == 0:
+      history.append(state.batch_stats)
+  assert int(state.opt_state.inner_opt_state[1].count) == CALLS // K
+  assert int(state.stats_ema.count) == CALLS // K
+  # 0.5 * (0.5 * 0 + 0.5 * 4 s) + 0.5 * 8 s = 5 s, exact in float32
+  np.testing.assert_array_equal(state.stats_ema.ema["m"], [5.0, 15.0])
+  np.testing.assert_array_equal(state.stats_ema.ema["m"], ema_by_hand(history, 0.5)["m"])
+
+
+def test_nnx_stats_ema_steps_only_with_the_params_ema():
+  ema = ema_jax.ema(0.5)
+  model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+  optimizer = ema_jax.flax.Optimizer(
+      model,
+      optax.MultiSteps(optax.chain(optax.sgd(0.1), ema), every_k_schedule=K),
+      wrt=nnx.Param,
+      average_stats=ema,
+  )
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: (m(x) ** 2).mean())(model)  # moves the statistics
+    optimizer.update(model, grads)
+
+  history = [nnx.as_pure(nnx.state(model, nnx.BatchStat))]
+  for i in range(CALLS):
+    step(model, optimizer, X[:, :2] * (i + 1) + i)
+    if (i + 1) % K == 0:
+      history.append(nnx.as_pure(nnx.state(model, nnx.BatchStat)))
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  assert int(opt_state.inner_opt_state[1].count) == CALLS // K
+  stats_ema = nnx.as_pure(optimizer.stats_ema)
+  assert int(stats_ema.count) == CALLS // K
+  # The statistics moved on every call, so stepping on other calls would differ.
+  assert not np.array_equal(
+      jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.BatchStat)))[0],
+      jax.tree.leaves(history[-1])[0],
+  )
+  np.testing.assert_allclose(
+      jax.tree.leaves(stats_ema.ema), jax.tree.leaves(ema_by_hand(history, 0.5)), rtol=1e-6
+  )

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ema_jax.flax import _form
 from ema_jax.flax import _hook
 from ema_jax.flax import _linen
 
@@ -116,6 +117,8 @@ def restore_checkpoint(
   from the raw weights with the EMA, its step counter and its decay schedule
   exactly where they were. (Had some other route loaded a swapped state, the
   first training step would fail: `update` refuses a `SwappedEmaState`.)
+  A `multi_ema` state (e.g. `ema_jax.posthoc.Snapshotter(...).ema()`) works
+  the same, whichever of its averages was swapped in when it was saved.
 
   Args:
     manager: the `orbax.checkpoint.CheckpointManager` it was saved with.
@@ -156,19 +159,22 @@ def restore_checkpoint(
 
   if not _check_nnx(target, optimizer):
     raw = _hook._set(target, None, which, ema_in=False)
+    index = _form.template_index(raw.opt_state, which)
     restored, was_swapped = _restore_either(
-        manager, step, raw, _linen.toggle(raw, which)
+        manager, step, raw, _linen.toggle(raw, which, index)
     )
+    # Swapping back reads the index of the average out from the checkpoint.
     return _linen.toggle(restored, which) if was_swapped else restored
 
   model = target
   _hook._set(model, optimizer, which, ema_in=False)
+  index = _form.template_index(nnx.as_pure(optimizer.opt_state), which)
   raw_item = _nnx_item(model, optimizer)
-  with _hook.ema_weights(model, optimizer, which=which):
+  with _hook.ema_weights(model, optimizer, which=which, index=index):
     ema_item = _nnx_item(model, optimizer)
   restored, was_swapped = _restore_either(manager, step, raw_item, ema_item)
   if was_swapped:  # take the swapped structure, fill it, then swap back
-    _hook._set(model, optimizer, which, ema_in=True)
+    _hook._set(model, optimizer, which, ema_in=True, index=index)
   nnx.update(model, restored["model"])
   nnx.update(optimizer, restored["optimizer"])
   _hook._set(model, optimizer, which, ema_in=False)
@@ -186,6 +192,7 @@ def export_ema(
     optimizer: Any = None,
     *,
     which: int | None = None,
+    index: int | None = None,
     directory: str | os.PathLike[str] | None = None,
 ) -> Any:
   """The EMA weights alone, ready for inference (and written to disk if asked).
@@ -200,6 +207,7 @@ def export_ema(
     target: a Linen `TrainState`, or an NNX model.
     optimizer: with NNX, its `nnx.Optimizer`.
     which: with several EMA states, which one.
+    index: for a `multi_ema` state, which of its averages (required then).
     directory: if given, also write the exported weights there with
       `orbax.checkpoint.StandardCheckpointer` (it must not exist yet).
 
@@ -218,12 +226,12 @@ def export_ema(
     {'params': {'w': Array([1.], dtype=float32)}}
   """
   if _check_nnx(target, optimizer):
-    with _hook.ema_weights(target, optimizer, which=which):
+    with _hook.ema_weights(target, optimizer, which=which, index=index):
       graphdef, state = nnx.split(target)
       exported = nnx.merge(graphdef, _copy(state))
     item: Any = nnx.state(exported)
   else:
-    ema_in = _hook._set(target, None, which, ema_in=True)
+    ema_in = _hook._set(target, None, which, ema_in=True, index=index)
     exported = {"params": _copy(ema_in.params)}
     if getattr(ema_in, "batch_stats", None) is not None:
       exported["batch_stats"] = _copy(ema_in.batch_stats)

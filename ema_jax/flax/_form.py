@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
 
 from ema_jax import _multi
 from ema_jax import _swap
@@ -13,6 +16,42 @@ def opt_state_swapped(opt_state: Any, which: int | None) -> bool:
   """True when the EMA state `which` in `opt_state` is in its swapped form."""
   _, found = _swap._find(opt_state, which)
   return isinstance(found, (SwappedEmaState, _multi.SwappedMultiEmaState))
+
+
+def template_index(opt_state: Any, which: int | None) -> int | None:
+  """An `index` that swaps the EMA state `which` (0 for a multi-EMA, else None).
+
+  The swapped form's tree structure is the same whichever average is out (the
+  index is a leaf), so 0 serves as a template for any swapped checkpoint.
+  """
+  _, found = _swap._find(opt_state, which)
+  return 0 if isinstance(found, _multi.MultiEmaState) else None
+
+
+def ema_counts(opt_state: Any) -> list[Any]:
+  """The `count` of every ema_jax EMA state in `opt_state`, in tree order."""
+  states = jax.tree.leaves(opt_state, is_leaf=_swap._is_state)
+  return [s.count for s in states if _swap._is_state(s)]
+
+
+def step_if_advanced(
+    before: list[Any],
+    after: list[Any],
+    step: Callable[..., Any],
+    state: Any,
+    *args: Any,
+) -> Any:
+  """`step(state, *args)` if an EMA count moved from `before` to `after`, else `state`.
+
+  Under `optax.MultiSteps` (or anything that skips updates) the params' EMA
+  moves only on real updates; the statistics' EMA must move with it, not on
+  every call. Works on traced counts (a `lax.cond`). Without any EMA state in
+  the optimizer there is nothing to follow: always step.
+  """
+  if not before:
+    return step(state, *args)
+  moved = jnp.any(jnp.stack([jnp.not_equal(b, a) for b, a in zip(before, after)]))
+  return jax.lax.cond(moved, step, lambda s, *_: s, state, *args)
 
 
 def check_same_form(swapped: bool, stats_state: Any, where: str) -> None:

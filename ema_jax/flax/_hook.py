@@ -33,17 +33,27 @@ def _unchanged(target: Any) -> Any:
   return target if _linen.is_train_state(target) else None
 
 
-def _set(target: Any, optimizer: Any, which: int | None, ema_in: bool) -> Any:
-  """Put the EMA (`ema_in=True`) or the raw weights in; nothing if already there."""
+def _set(
+    target: Any,
+    optimizer: Any,
+    which: int | None,
+    ema_in: bool,
+    index: int | None = None,
+) -> Any:
+  """Put the EMA (`ema_in=True`) or the raw weights in; nothing if already there.
+
+  `index` picks the average of a multi-EMA state to swap in (swapping back
+  needs none: the swapped state records it).
+  """
   if _linen.is_train_state(target):
     _check_linen_args(optimizer)
     if _linen.swapped(target, which) == ema_in:
       return target
-    return _linen.toggle(target, which)
+    return _linen.toggle(target, which, index)
   if isinstance(target, nnx.Module):
     _check_nnx_args(target, optimizer)
     if _nnx.swapped(optimizer, which) != ema_in:
-      _nnx.toggle(target, optimizer, which)
+      _nnx.toggle(target, optimizer, which, index)
     return None
   raise TypeError(
       "Expected a `flax.training.train_state.TrainState` or an `nnx.Module` "
@@ -125,6 +135,10 @@ class SwapEMAWeights:
     swap_on_epoch: swap at `on_epoch_end` and back at `on_epoch_begin`.
     which: with several EMA states in the optimizer, which one to swap in
       (as in `ema_jax.swap`).
+    index: when that state is a `multi_ema` (e.g.
+      `ema_jax.posthoc.Snapshotter(...).ema()`), which of its averages to
+      swap in (the position of its decay); required then, and an error for a
+      single EMA. Swapping back puts the average back where it came from.
 
   Examples:
     Linen:
@@ -158,11 +172,20 @@ class SwapEMAWeights:
     Array([-1.], dtype=float32)
   """
 
-  def __init__(self, swap_on_epoch: bool = False, *, which: int | None = None):
+  def __init__(
+      self,
+      swap_on_epoch: bool = False,
+      *,
+      which: int | None = None,
+      index: int | None = None,
+  ):
     if not isinstance(swap_on_epoch, bool):
       raise TypeError(f"`swap_on_epoch` must be a bool, got {swap_on_epoch!r}.")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+      raise TypeError(f"`index` must be an int or None, got {index!r}.")
     self.swap_on_epoch = swap_on_epoch
     self.which = which
+    self.index = index
 
   def on_epoch_begin(self, target: Any, optimizer: Any = None) -> Any:
     """With `swap_on_epoch=True`, put the raw weights back before training.
@@ -179,7 +202,7 @@ class SwapEMAWeights:
     """
     if not self.swap_on_epoch:
       return _unchanged(target)
-    return _set(target, optimizer, self.which, ema_in=False)
+    return _set(target, optimizer, self.which, ema_in=False, index=self.index)
 
   def on_epoch_end(self, target: Any, optimizer: Any = None) -> Any:
     """With `swap_on_epoch=True`, leave the EMA weights in the model.
@@ -199,7 +222,7 @@ class SwapEMAWeights:
     """
     if not self.swap_on_epoch:
       return _unchanged(target)
-    return _set(target, optimizer, self.which, ema_in=True)
+    return _set(target, optimizer, self.which, ema_in=True, index=self.index)
 
   def on_test_begin(self, target: Any, optimizer: Any = None) -> Any:
     """Put the EMA weights in for evaluation (no-op if they are in).
@@ -214,7 +237,7 @@ class SwapEMAWeights:
     >>> hook.on_test_begin(hook.on_test_begin(state)).params["w"]  # twice: still the EMA
     Array([1.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=True)
+    return _set(target, optimizer, self.which, ema_in=True, index=self.index)
 
   def on_test_end(self, target: Any, optimizer: Any = None) -> Any:
     """Put the raw weights back after evaluation (no-op if they are in).
@@ -231,7 +254,7 @@ class SwapEMAWeights:
     >>> hook.on_test_end(state).params["w"]  # nothing to restore: unchanged
     Array([0.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=False)
+    return _set(target, optimizer, self.which, ema_in=False, index=self.index)
 
   def on_predict_begin(self, target: Any, optimizer: Any = None) -> Any:
     """Put the EMA weights in for prediction (no-op if they are in).
@@ -245,7 +268,7 @@ class SwapEMAWeights:
     >>> ema_jax.flax.SwapEMAWeights().on_predict_begin(state).params["w"]
     Array([1.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=True)
+    return _set(target, optimizer, self.which, ema_in=True, index=self.index)
 
   def on_predict_end(self, target: Any, optimizer: Any = None) -> Any:
     """Put the raw weights back after prediction (Keras forgets to).
@@ -260,15 +283,22 @@ class SwapEMAWeights:
     >>> hook.on_predict_end(hook.on_predict_begin(state)).params["w"]
     Array([0.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=False)
+    return _set(target, optimizer, self.which, ema_in=False, index=self.index)
 
   def __repr__(self) -> str:
-    return f"SwapEMAWeights(swap_on_epoch={self.swap_on_epoch}, which={self.which})"
+    return (
+        f"SwapEMAWeights(swap_on_epoch={self.swap_on_epoch}, which={self.which}, "
+        f"index={self.index})"
+    )
 
 
 @contextlib.contextmanager
 def ema_weights(
-    target: Any, optimizer: Any = None, *, which: int | None = None
+    target: Any,
+    optimizer: Any = None,
+    *,
+    which: int | None = None,
+    index: int | None = None,
 ) -> Iterator[Any]:
   """Evaluate with the EMA weights inside a `with` block; always swap back.
 
@@ -282,6 +312,8 @@ def ema_weights(
     target: an NNX model, or a Linen `TrainState`.
     optimizer: with NNX, its `nnx.Optimizer`.
     which: with several EMA states, which one (as in `ema_jax.swap`).
+    index: for a `multi_ema` state, which of its averages (as in
+      `ema_jax.swap`).
 
   Yields:
     The model (NNX) or the swapped `TrainState` (Linen).
@@ -300,7 +332,7 @@ def ema_weights(
     Array([-1.], dtype=float32)
   """
   if _linen.is_train_state(target):
-    yield _set(target, optimizer, which, ema_in=True)
+    yield _set(target, optimizer, which, ema_in=True, index=index)
     return
   if not isinstance(target, nnx.Module):
     raise TypeError(
@@ -309,7 +341,7 @@ def ema_weights(
     )
   _check_nnx_args(target, optimizer)
   entered_swapped = _nnx.swapped(optimizer, which)
-  _set(target, optimizer, which, ema_in=True)
+  _set(target, optimizer, which, ema_in=True, index=index)
   try:
     yield target
   finally:

@@ -90,7 +90,8 @@ class TrainState(train_state.TrainState):
       average_stats: `None` (the default) leaves `batch_stats` out of the EMA.
         Pass an ema_jax transformation to average them too, normally the very
         `ema_jax.ema(...)` object you put in `tx`, so both follow the same
-        decay schedule (both count one update per `apply_gradients`).
+        decay schedule: the statistics' EMA steps exactly when the params'
+        EMA does (see `apply_gradients`).
       **kwargs: other fields of a subclass.
 
     Returns:
@@ -135,6 +136,13 @@ class TrainState(train_state.TrainState):
   def apply_gradients(self, *, grads: Any, **kwargs: Any) -> "TrainState":
     """One optimizer step; then, with `average_stats`, one EMA step of `batch_stats`.
 
+    The statistics' EMA steps only when the params' EMA did: when the `count`
+    of an ema_jax EMA state in `opt_state` moved during this call. Under
+    `optax.MultiSteps(..., every_k_schedule=k)` both then step once every `k`
+    calls, the statistics' EMA taking the `batch_stats` of that call; the
+    calls in between leave it as it was. (The choice is a `lax.cond`, so this
+    works under `jit`.)
+
     Args:
       grads: gradients like `params`.
       **kwargs: fields to replace, usually `batch_stats=` the new statistics
@@ -158,11 +166,21 @@ class TrainState(train_state.TrainState):
       >>> state.stats_ema.ema  # 0.5 * 0 + 0.5 * 1
       {'mean': Array([0.5], dtype=float32)}
     """
+    counts = _form.ema_counts(self.opt_state)
     new = super().apply_gradients(grads=grads, **kwargs)
     if self.stats_tx is None:
       return new
-    _, stats_ema = self.stats_tx.update(
-        _no_updates(new.batch_stats), self.stats_ema, new.batch_stats
+    stats_tx = self.stats_tx
+
+    def step(stats_ema: Any, batch_stats: Any) -> Any:
+      return stats_tx.update(_no_updates(batch_stats), stats_ema, batch_stats)[1]
+
+    stats_ema = _form.step_if_advanced(
+        counts,
+        _form.ema_counts(new.opt_state),
+        step,
+        self.stats_ema,
+        new.batch_stats,
     )
     return new.replace(stats_ema=stats_ema)
 
@@ -178,13 +196,13 @@ def swapped(state: train_state.TrainState, which: int | None) -> bool:
   return result
 
 
-def toggle(state: Any, which: int | None) -> Any:
+def toggle(state: Any, which: int | None, index: int | None = None) -> Any:
   """Swap the params (and the stats, when averaged) with their EMA, either way."""
   swapped(state, which)  # checks that params and stats are in the same form
   params = state.params
   owg = not isinstance(params, jax.Array) and _OWG in params
   inner = params["params"] if owg else params
-  inner, opt_state = ema_jax.swap(inner, state.opt_state, which=which)
+  inner, opt_state = ema_jax.swap(inner, state.opt_state, which=which, index=index)
   if owg:
     params = {**params, "params": inner}
   else:

@@ -74,8 +74,9 @@ class Optimizer(nnx.Optimizer):
       wrt: the trained variables, as for `nnx.Optimizer` (e.g. `nnx.Param`).
       average_stats: `None` (the default) leaves the statistics out of the
         EMA; an ema_jax transformation averages them, normally the very
-        `ema_jax.ema(...)` object in `tx`, so both follow the same schedule
-        (both count one update per `update`).
+        `ema_jax.ema(...)` object in `tx`, so both follow the same schedule:
+        the statistics' EMA steps exactly when the params' EMA does (see
+        `update`).
       stats_wrt: which non-parameter variables to average.
       **kwargs: passed to `nnx.Optimizer`.
     """
@@ -104,7 +105,12 @@ class Optimizer(nnx.Optimizer):
     """`nnx.Optimizer.update`, then one EMA step of the statistics if averaged.
 
     The statistics are read from `model` as they are now, i.e. after the
-    forward pass of this step moved them.
+    forward pass of this step moved them. Their EMA steps only when the
+    params' EMA did: when the `count` of an ema_jax EMA state in `opt_state`
+    moved during this call. Under `optax.MultiSteps(..., every_k_schedule=k)`
+    both then step once every `k` calls; the calls in between leave the
+    statistics' EMA as it was. (The choice is a `lax.cond`, so this works
+    under `nnx.jit`.)
 
     Args:
       model: the model (updated in place).
@@ -129,12 +135,23 @@ class Optimizer(nnx.Optimizer):
       >>> optimizer.stats_ema.ema["var"][...]
       Array([3.], dtype=float32)
     """
+    counts = _form.ema_counts(nnx.as_pure(self.opt_state))
     updates = super().update(model, grads, **kwargs)
     if self.stats_tx is not None:
+      stats_tx = self.stats_tx
       current = nnx.as_pure(nnx.state(model, self.stats_wrt, **_graph_kw(self)))
-      # `None` updates leave each statistic as it is, bit for bit.
-      _, new_state = self.stats_tx.update(
-          jax.tree.map(lambda _: None, current), nnx.as_pure(self.stats_ema), current
+
+      def step(stats_ema: Any, stats: Any) -> Any:
+        # `None` updates leave each statistic as it is, bit for bit.
+        no_updates = jax.tree.map(lambda _: None, stats)
+        return stats_tx.update(no_updates, stats_ema, stats)[1]
+
+      new_state = _form.step_if_advanced(
+          counts,
+          _form.ema_counts(nnx.as_pure(self.opt_state)),
+          step,
+          nnx.as_pure(self.stats_ema),
+          current,
       )
       nnx.update(self.stats_ema, nnx.state(new_state, **_graph_kw(self)))
     return updates
@@ -163,10 +180,15 @@ def swapped(optimizer: Any, which: int | None) -> bool:
 
 
 def _plan(
-    model: nnx.Module, optimizer: Any, wrt: Any, state: Any, which: int | None
+    model: nnx.Module,
+    optimizer: Any,
+    wrt: Any,
+    state: Any,
+    which: int | None,
+    index: int | None = None,
 ) -> tuple[Any, Any]:
   current = nnx.as_pure(nnx.state(model, wrt, **_graph_kw(optimizer)))
-  return ema_jax.swap(current, nnx.as_pure(state), which=which)
+  return ema_jax.swap(current, nnx.as_pure(state), which=which, index=index)
 
 
 def _rebuilt(state: Any, new_state: Any) -> Any:
@@ -176,23 +198,48 @@ def _rebuilt(state: Any, new_state: Any) -> Any:
   variables = jax.tree.leaves(state, is_leaf=_is_variable)
   leaves, treedef = jax.tree.flatten(new_state)
   treedef_: Any = treedef
-  if len(variables) != len(leaves) or not all(map(_is_variable, variables)):
+  if not all(map(_is_variable, variables)):
     raise RuntimeError(
         "ema_jax.flax: the optimizer state does not hold one Variable per "
         "array; was it built by `nnx.Optimizer`?"
     )
+  if len(variables) != len(leaves):
+    return _rebuilt_by_path(state, new_state)
   for variable, leaf in zip(variables, leaves):
     variable.set_value(leaf)
   return treedef_.unflatten(variables)
 
 
-def toggle(model: nnx.Module, optimizer: Any, which: int | None) -> None:
+def _rebuilt_by_path(state: Any, new_state: Any) -> Any:
+  # A multi-EMA state gains leaves when swapped (`raw_params`, `index`) and
+  # loses them when swapped back. Leaves at the same path (`count`, `ema`)
+  # keep their Variables, so swapping back restores the original graph; the
+  # extra leaves get fresh optimizer-state Variables.
+  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
+  by_path = {jax.tree_util.keystr(path): v for path, v in flat}
+  new_flat, treedef = jax.tree_util.tree_flatten_with_path(new_state)
+  out = []
+  for path, leaf in new_flat:
+    variable = by_path.get(jax.tree_util.keystr(path))
+    if variable is None:
+      variable = to_opt_state(leaf)
+    else:
+      variable.set_value(leaf)
+    out.append(variable)
+  return jax.tree.unflatten(treedef, out)
+
+
+def toggle(
+    model: nnx.Module, optimizer: Any, which: int | None, index: int | None = None
+) -> None:
   """Swap the model's params (and averaged stats) with their EMA in place."""
   swapped(optimizer, which)
   stats_ema, stats_wrt = _stats_parts(optimizer)
   # Every swap is computed before anything changes: an error (say, a model
   # that does not match the optimizer) leaves everything as it was.
-  values, state = _plan(model, optimizer, optimizer.wrt, optimizer.opt_state, which)
+  values, state = _plan(
+      model, optimizer, optimizer.wrt, optimizer.opt_state, which, index
+  )
   if stats_ema is not None:
     stats_values, new_stats = _plan(model, optimizer, stats_wrt, stats_ema, None)
   optimizer.opt_state = nnx.data(_rebuilt(optimizer.opt_state, state))
