@@ -242,6 +242,17 @@ def _copy(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def _threaded(step: Callable[..., Any], state: Any, *args: Any) -> Callable[[], Any]:
+  """A runner that feeds each call's result back in as the next call's state."""
+  box = [state]
+
+  def run() -> Any:
+    box[0] = step(box[0], *args)
+    return box[0]
+
+  return run
+
+
 # --------------------------------------------------------------------------
 # Section 1: the standalone EMA update
 
@@ -263,13 +274,7 @@ def _ema_cases(
     no_updates = jax.tree.map(lambda _: None, params)
     # `None` updates: the params are already updated, only the average moves.
     step = jax.jit(lambda s, p: tx.update(no_updates, s, p)[1], donate_argnums=0)
-    box = [tx.init(params)]
-
-    def run() -> Any:
-      box[0] = step(box[0], params)
-      return box[0]
-
-    return run
+    return _threaded(step, tx.init(params), params)
 
   cases.append(
       Case("ema_jax ema().update (jit, donated)", ema_jax_update, nbytes,
@@ -282,14 +287,7 @@ def _ema_cases(
           lambda e, p: d * e + (1 - d) * p.astype(e.dtype), e, p
       )
 
-    step = jax.jit(kernel, donate_argnums=0)
-    box = [_f32(params)]
-
-    def run() -> Any:
-      box[0] = step(box[0], params)
-      return box[0]
-
-    return run
+    return _threaded(jax.jit(kernel, donate_argnums=0), _f32(params), params)
 
   cases.append(
       Case("(a) plain elementwise kernel (jit, donated)", plain_kernel, nbytes,
@@ -303,13 +301,7 @@ def _ema_cases(
           lambda e, p: optax.incremental_update(p, e, 1 - d),
           donate_argnums=0 if donate else (),
       )
-      box = [_f32(params)]
-
-      def run() -> Any:
-        box[0] = step(box[0], params)
-        return box[0]
-
-      return run
+      return _threaded(step, _f32(params), params)
 
     cases.append(
         Case(
@@ -319,13 +311,10 @@ def _ema_cases(
     )
 
   def eager_tree_map() -> Callable[[], Any]:
-    box = [_f32(params)]
+    def update(e: Any, p: Any) -> Any:
+      return jax.tree.map(lambda e, p: d * e + (1 - d) * p, e, p)
 
-    def run() -> Any:
-      box[0] = jax.tree.map(lambda e, p: d * e + (1 - d) * p, box[0], params)
-      return box[0]
-
-    return run
+    return _threaded(update, _f32(params), params)
 
   cases.append(
       Case("(c) jax.tree.map, not jitted", eager_tree_map, nbytes,
@@ -379,16 +368,11 @@ def _ema_cases(
       return [scope.get_current_value(v) for v in opt.variables]
 
     step = jax.jit(update, donate_argnums=0)
-    box = [
+    return _threaded(
+        step,
         [jnp.ones((), v.dtype) if v is opt.iterations else v.value
-         for v in opt.variables]
-    ]
-
-    def run() -> Any:
-      box[0] = step(box[0])
-      return box[0]
-
-    return run
+         for v in opt.variables],
+    )
 
   cases.append(
       Case(
@@ -448,14 +432,8 @@ def _ema_cases(
         cat = jnp.concatenate([x.astype(jnp.float32) for x in jax.tree.leaves(p)])
         return d * flat + (1 - d) * cat
 
-      step = jax.jit(kernel, donate_argnums=0)
-      box = [jnp.concatenate([x.astype(jnp.float32) for x in params.values()])]
-
-      def run() -> Any:
-        box[0] = step(box[0], params)
-        return box[0]
-
-      return run
+      flat = jnp.concatenate([x.astype(jnp.float32) for x in params.values()])
+      return _threaded(jax.jit(kernel, donate_argnums=0), flat, params)
 
     cases.append(
         Case("prototype: one flat float32 buffer (jit, donated)", flat_buffer,

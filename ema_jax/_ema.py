@@ -129,10 +129,14 @@ def _materialize(new_p: jax.Array) -> jax.Array:
 def _average(
     e: jax.Array,
     p: jax.Array,
-    active: jax.Array,
+    active: jax.Array | None,
     decay: jax.Array,
     key: jax.Array | None = None,
 ) -> jax.Array:
+  """One EMA step of leaf `e` towards `p`; where `active` is False, `e` as is.
+
+  `active=None` means always active (the caller decided already).
+  """
   compute = jnp.promote_types(e.dtype, jnp.float32)
   ef, pf = e.astype(compute), p.astype(compute)
   d = decay.astype(compute)
@@ -142,7 +146,7 @@ def _average(
     stored = mixed.astype(e.dtype)
   else:
     stored = _rounding.stochastic_round(mixed, key)
-  return jnp.where(active, stored, e)
+  return stored if active is None else jnp.where(active, stored, e)
 
 
 def unpack_update(
@@ -258,27 +262,27 @@ def make_ema(
     averaged = [i for i, kind in enumerate(kinds) if kind is _tree.Kind.AVERAGE]
 
     traced = isinstance(active, jax.core.Tracer)
+    on_device = "device" if memory_kind else None
+
+    def new_params() -> list[jax.Array]:
+      return [_apply_update(p_leaves[i], u_leaves[i]) for i in averaged]
+
     # Under jit the new params are computed outside the cond, where they are
     # the value the step's `optax.apply_updates` computes anyway. Computed in
     # the branch, they kept the old params and the updates alive for it: two
     # EMA-sized temporaries and a 10x slower step with update_every=2 on CPU
-    # (tests/test_performance.py).
-    new_params = (
-        {i: _apply_update(p_leaves[i], u_leaves[i]) for i in averaged}
-        if traced
-        else {}
-    )
+    # (tests/test_performance.py). Eagerly, a skipped update computes nothing.
+    outside = new_params() if traced else None
 
     def average(old: list[jax.Array]) -> list[jax.Array]:
-      new = []
-      for i, e in zip(averaged, old):
-        e = _memory.put(e, "device" if memory_kind else None)
-        new_p = new_params.get(i)
-        if new_p is None:
-          new_p = _apply_update(p_leaves[i], u_leaves[i])
-        e = _average(e, new_p, jnp.ones((), bool), decay, leaf_keys[i])
-        new.append(_memory.put(e, memory_kind))
-      return new
+      ps = outside if outside is not None else new_params()
+      return [
+          _memory.put(
+              _average(_memory.put(e, on_device), p, None, decay, leaf_keys[i]),
+              memory_kind,
+          )
+          for i, e, p in zip(averaged, old, ps)
+      ]
 
     # A cond, not a select: an update that does not average (update_every > 1)
     # makes no pass over the params and the average, and moves no offloaded
@@ -296,7 +300,7 @@ def make_ema(
       if kind is _tree.Kind.AVERAGE:
         e = new_averages[i]
         if overwrite is not None and u is not None:
-          e_p = _memory.put(e, "device" if memory_kind else None).astype(p.dtype)
+          e_p = _memory.put(e, on_device).astype(p.dtype)
           u = jnp.where(overwrite, (e_p - p).astype(u.dtype), u)
       elif kind is _tree.Kind.CARRY:
         e = _memory.put(_copy(_apply_update(p, u)), memory_kind)

@@ -147,7 +147,7 @@ def apply_updates_and_average(
             f"Leaf {_tree.path_str(path)}: the average of floating params must "
             f"be floating, got dtype {jnp.result_type(e)}."
         )
-      new_ema.append(_ema._average(e, new_p, jnp.ones((), bool), d))
+      new_ema.append(_ema._average(e, new_p, None, d))
     else:
       new_ema.append(_ema._copy(new_p))
   out_params = jax.tree.unflatten(treedef, new_params)
