@@ -1,8 +1,23 @@
-"""ema_jax: exponential moving averages of model weights for JAX and optax."""
+"""ema_jax: exponential moving averages of model weights for JAX and optax.
+
+Type aliases used in the signatures: `Decay` (a float in [0, 1] or a schedule
+`count -> decay`), `Mask` (a tree of bools like the params, a prefix of it, or
+a callable returning one), `Rounding` (`'nearest'` or `'stochastic'`) and
+`MemoryKind` (`None`, `'device'` or `'pinned_host'`).
+"""
 
 from ema_jax import presets as presets
+from ema_jax._apply_updates_and_average import (
+    apply_updates_and_average as apply_updates_and_average,
+)
 from ema_jax._ema import ema as ema
 from ema_jax._ema import moving_average as moving_average
+from ema_jax._ema import multi_ema as multi_ema
+from ema_jax._leaves import Mask as Mask
+from ema_jax._memory import MemoryKind as MemoryKind
+from ema_jax._rounding import Rounding as Rounding
+from ema_jax._schedules import Decay as Decay
+from ema_jax._schedules import DecaySchedule as DecaySchedule
 from ema_jax._schedules import constant_decay as constant_decay
 from ema_jax._schedules import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ema_jax._schedules import half_life_decay as half_life_decay
@@ -11,14 +26,13 @@ from ema_jax._schedules import sigma_rel_to_gamma as sigma_rel_to_gamma
 from ema_jax._schedules import tf_dynamic_decay as tf_dynamic_decay
 from ema_jax._schedules import warmup_decay as warmup_decay
 from ema_jax._state import EmaState as EmaState
+from ema_jax._state import MultiEmaState as MultiEmaState
 from ema_jax._state import SwappedEmaState as SwappedEmaState
+from ema_jax._state import SwappedMultiEmaState as SwappedMultiEmaState
+from ema_jax._state import is_swapped as is_swapped
 from ema_jax._swap import ema_params as ema_params
 from ema_jax._swap import swap as swap
-from ema_jax._multi import MultiEmaState as MultiEmaState
-from ema_jax._multi import SwappedMultiEmaState as SwappedMultiEmaState
-from ema_jax._multi import multi_ema as multi_ema
 from ema_jax import posthoc as posthoc
-from ema_jax._fused import apply_updates_and_average as apply_updates_and_average
 
 __version__ = "0.1.0"
 
@@ -30,24 +44,31 @@ def __getattr__(name: str):  # PEP 562: `ema_jax.flax` without importing Flax ea
     return importlib.import_module("ema_jax.flax")
   raise AttributeError(f"module 'ema_jax' has no attribute {name!r}")
 
+
 __all__ = [
+    "Decay",
+    "DecaySchedule",
     "EmaState",
+    "Mask",
+    "MemoryKind",
+    "MultiEmaState",
+    "Rounding",
     "SwappedEmaState",
+    "SwappedMultiEmaState",
+    "apply_updates_and_average",
     "constant_decay",
     "ema",
     "ema_params",
     "gamma_to_sigma_rel",
     "half_life_decay",
+    "is_swapped",
     "moving_average",
+    "multi_ema",
+    "posthoc",
     "power_decay",
     "presets",
     "sigma_rel_to_gamma",
     "swap",
     "tf_dynamic_decay",
     "warmup_decay",
-    "MultiEmaState",
-    "SwappedMultiEmaState",
-    "multi_ema",
-    "posthoc",
-    "apply_updates_and_average",
 ]

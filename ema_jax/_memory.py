@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Optional
 
 import jax
 
-# The memory kinds `ema` accepts, by the names `Device.addressable_memories()`
+# Where an average may live, by the names `Device.addressable_memories()`
 # reports. JAX places traced values by memory space; 'pinned_host' is the host
 # space every backend with host offload exposes (TPU, GPU and CPU).
-MEMORY_KINDS = ("device", "pinned_host")
-
-
-def check_memory_kind(name: str, memory_kind: Any) -> str | None:
-  """`memory_kind` validated when the transformation is built."""
-  if memory_kind is None:
-    return None
-  if memory_kind not in MEMORY_KINDS:
-    raise ValueError(
-        f"`{name}` must be None, 'device' or 'pinned_host' (host offload), "
-        f"got {memory_kind!r}."
-    )
-  return memory_kind
-
-
-def check_backend_supports(memory_kind: str | None) -> None:
-  """A clear error at `init` when the default device lacks `memory_kind`."""
-  if memory_kind is None or memory_kind == "device":
-    return
-  device = jax.devices()[0]
-  kinds = [m.kind for m in device.addressable_memories()]
-  if memory_kind not in kinds:
-    raise ValueError(
-        f"`memory_kind={memory_kind!r}`: {device.platform} devices offer only "
-        f"{kinds}. Use memory_kind=None to keep the EMA in device memory."
-    )
+MemoryKind = Optional[Literal["device", "pinned_host"]]
 
 
 def _space(memory_kind: str) -> Any:

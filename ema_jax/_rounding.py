@@ -10,51 +10,12 @@ speed on average and its error stays a zero-mean noise.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-ROUNDINGS = ("nearest", "stochastic")
-
-# bfloat16 is the top 16 bits of float32, so rounding is a bit operation.
-_STOCHASTIC_DTYPES = (np.dtype(jnp.bfloat16),)
-
-
-def check_rounding(rounding: Any, ema_dtype: Any) -> str:
-  """`rounding` validated against `ema_dtype` when the transformation is built."""
-  if rounding not in ROUNDINGS:
-    raise ValueError(
-        f"`rounding` must be 'nearest' or 'stochastic', got {rounding!r}."
-    )
-  if rounding == "stochastic" and (
-      ema_dtype is None or np.dtype(ema_dtype) not in _STOCHASTIC_DTYPES
-  ):
-    raise ValueError(
-        "`rounding='stochastic'` stores the EMA in bfloat16: pass "
-        f"`ema_dtype=jnp.bfloat16` (got ema_dtype={ema_dtype!r}). A float32 "
-        "EMA needs no stochastic rounding."
-    )
-  return rounding
-
-
-def make_key(key: Any) -> jax.Array:
-  """A typed PRNG key from a key or an int seed, as `optax.add_noise` takes."""
-  if isinstance(key, bool):
-    raise TypeError(f"`key` must be a jax PRNG key or an int seed, got {key!r}.")
-  if isinstance(key, (int, np.integer)):
-    return jax.random.key(int(key))
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    if key.shape != ():
-      raise ValueError(f"`key` must be a single key, got shape {key.shape}.")
-    return key
-  if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
-    return jax.random.wrap_key_data(key)
-  raise TypeError(
-      "`key` must be a jax PRNG key (`jax.random.key(0)`) or an int seed, got "
-      f"{key!r}."
-  )
+Rounding = Literal["nearest", "stochastic"]
 
 
 def _mix32(v: jax.Array) -> jax.Array:

@@ -5,48 +5,97 @@ integer array (traced under jit), and returns a scalar array. For the EMA,
 `count` is the number of optimizer updates since averaging started, so it is 0
 at the first averaged update. A decay of 0 copies the parameters; a decay of 1
 freezes the average.
+
+The schedules built here are `DecaySchedule`s: besides the decay they give its
+complement `1 - decay`, the weight of the new value, computed without
+cancellation. That weight is what the average uses, so a decay of 0.9999999 or
+a power profile at step 1e8 averages with the right weight in float32. A plain
+callable works too; its weight is then `1 - decay`, as exact as the decay is.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ema_jax import _checks
+
 Schedule = Callable[[jax.Array], jax.Array]
+Decay = Union[float, Schedule]
 
 
-def _check_unit_interval(name: str, value: float) -> float:
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    raise TypeError(
-        f"`{name}` must be a float in [0, 1], got {value!r} of type "
-        f"{type(value).__name__}."
-    ) from None
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(
-        f"`{name}` must be in [0, 1], got {value}. A decay is the weight kept "
-        "by the old average: 0.999 averages over about 1000 steps."
-    )
-  return value
+class DecaySchedule:
+  """A decay schedule that also gives `1 - decay` without cancellation.
+
+  Calling it returns the decay at a step count, as any optax-style schedule;
+  `weight(count)` returns `1 - decay`, computed directly (for a constant decay
+  in float64 from the Python float; for power profiles as
+  `-expm1((gamma + 1) * log1p(-1 / t))`), so a weight of 1e-7 is not rounded
+  to the 1.19e-7 that `1 - float32(0.9999999)` gives. Every schedule of
+  ema_jax returns one; `ema()` and `multi_ema()` average with its weight.
+
+  Args:
+    decay: `count -> decay`.
+    weight: `count -> 1 - decay`, computed without cancellation.
+    name: shown by `repr`.
+
+  Examples:
+    >>> import ema_jax
+    >>> schedule = ema_jax.constant_decay(0.9999999)
+    >>> float(schedule.weight(0))  # 1 - float32(0.9999999) would be 1.19e-07
+    1e-07
+  """
+
+  def __init__(self, decay: Schedule, weight: Schedule, name: str):
+    self._decay = decay
+    self._weight = weight
+    self._name = name
+
+  def __call__(self, count: Any) -> jax.Array:
+    return self._decay(count)
+
+  def weight(self, count: Any) -> jax.Array:
+    """`1 - decay` at `count`, without cancellation.
+
+    Examples:
+      >>> import ema_jax
+      >>> round(float(ema_jax.power_decay(gamma=7.0).weight(999)), 6)
+      0.007972
+    """
+    return self._weight(count)
+
+  def __repr__(self) -> str:
+    return self._name
 
 
-def _check_positive(name: str, value: float) -> float:
-  value = float(value)
-  if not (value > 0.0 and math.isfinite(value)):
-    raise ValueError(f"`{name}` must be a positive finite number, got {value}.")
-  return value
+def weight_fn(schedule: Schedule) -> Schedule:
+  """`count -> 1 - decay` for any schedule: exact for a `DecaySchedule`."""
+  if isinstance(schedule, DecaySchedule):
+    return schedule.weight
+  return lambda count: 1.0 - jnp.asarray(schedule(count))
 
 
-def _float(count: jax.Array) -> jax.Array:
+def as_schedule(value: Any, name: str = "decay") -> Schedule:
+  """A checked schedule from a float or a callable of the step count."""
+  checked = _checks.decay(name, value)
+  if isinstance(checked, float):
+    return constant_decay(checked)
+  return checked
+
+
+def _float(count: Any) -> jax.Array:
   return jnp.asarray(count).astype(jnp.result_type(float))
 
 
-def constant_decay(decay: float) -> Schedule:
+def _constant(value: float, count: Any) -> jax.Array:
+  return jnp.full_like(_float(count), value)
+
+
+def constant_decay(decay: float) -> DecaySchedule:
   """The same decay at every step.
 
   Args:
@@ -61,15 +110,16 @@ def constant_decay(decay: float) -> Schedule:
     >>> float(schedule(0)), float(schedule(1000))
     (0.99, 0.99)
   """
-  decay = _check_unit_interval("decay", decay)
+  decay = _checks.unit_float("decay", decay)
+  weight = 1.0 - decay  # in float64: exact for decays near 1
+  return DecaySchedule(
+      lambda count: _constant(decay, count),
+      lambda count: _constant(weight, count),
+      f"constant_decay({decay!r})",
+  )
 
-  def schedule(count: jax.Array) -> jax.Array:
-    return jnp.full_like(_float(count), decay)
 
-  return schedule
-
-
-def tf_dynamic_decay(decay: float) -> Schedule:
+def tf_dynamic_decay(decay: float) -> DecaySchedule:
   """TensorFlow's ramp `min(decay, (1 + count) / (10 + count))`.
 
   This is `tf.train.ExponentialMovingAverage(num_updates=...)` and TensorFlow
@@ -88,13 +138,18 @@ def tf_dynamic_decay(decay: float) -> Schedule:
     >>> [round(float(schedule(k)), 4) for k in (0, 1, 10, 10_000)]
     [0.1, 0.1818, 0.55, 0.99]
   """
-  decay = _check_unit_interval("decay", decay)
+  decay = _checks.unit_float("decay", decay)
+  weight = 1.0 - decay
 
   def schedule(count: jax.Array) -> jax.Array:
     k = _float(count)
     return jnp.minimum(decay, (1.0 + k) / (10.0 + k))
 
-  return schedule
+  def complement(count: jax.Array) -> jax.Array:
+    k = _float(count)
+    return jnp.maximum(weight, 9.0 / (10.0 + k))
+
+  return DecaySchedule(schedule, complement, f"tf_dynamic_decay({decay!r})")
 
 
 def warmup_decay(
@@ -103,7 +158,7 @@ def warmup_decay(
     inv_gamma: float = 1.0,
     power: float = 2.0 / 3.0,
     min_decay: float = 0.0,
-) -> Schedule:
+) -> DecaySchedule:
   """The timm/diffusers warm-up `1 - (1 + count / inv_gamma) ** -power`.
 
   The value is clipped to `[min_decay, decay]`. It is 0 at `count=0`, so the
@@ -125,14 +180,14 @@ def warmup_decay(
     >>> [round(float(schedule(k)), 4) for k in (0, 1, 100, 1_000_000)]
     [0.0, 0.37, 0.9539, 0.9999]
   """
-  decay = _check_unit_interval("decay", decay)
-  min_decay = _check_unit_interval("min_decay", min_decay)
+  decay = _checks.unit_float("decay", decay)
+  min_decay = _checks.unit_float("min_decay", min_decay)
   if min_decay > decay:
     raise ValueError(
         f"`min_decay` ({min_decay}) must not exceed `decay` ({decay})."
     )
-  inv_gamma = _check_positive("inv_gamma", inv_gamma)
-  power = _check_positive("power", power)
+  inv_gamma = _checks.positive_float("inv_gamma", inv_gamma)
+  power = _checks.positive_float("power", power)
 
   def schedule(count: jax.Array) -> jax.Array:
     k = _float(count)
@@ -140,7 +195,17 @@ def warmup_decay(
     # diffusers' order: cap at `decay` first, then floor at `min_decay`.
     return jnp.maximum(jnp.minimum(value, decay), min_decay)
 
-  return schedule
+  def complement(count: jax.Array) -> jax.Array:
+    k = _float(count)
+    value = (1.0 + k / inv_gamma) ** -power
+    return jnp.minimum(jnp.maximum(value, 1.0 - decay), 1.0 - min_decay)
+
+  return DecaySchedule(
+      schedule,
+      complement,
+      f"warmup_decay({decay!r}, inv_gamma={inv_gamma!r}, power={power!r}, "
+      f"min_decay={min_decay!r})",
+  )
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -195,7 +260,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 
 def power_decay(
     *, gamma: float | None = None, sigma_rel: float | None = None
-) -> Schedule:
+) -> DecaySchedule:
   """The EDM2 power-function profile `(1 - 1 / t) ** (gamma + 1)`, `t = count + 1`.
 
   The average at step `t` weighs step `tau` in proportion to `tau ** gamma`, so
@@ -208,11 +273,10 @@ def power_decay(
     gamma: the exponent, > -1 (EDM2 uses 6.94 and 16.97).
     sigma_rel: the relative width, e.g. 0.05 or 0.10; see `sigma_rel_to_gamma`.
 
-  Precision: the decay is a float32 number unless x64 is on, and a float32
-  decay close to 1 carries `1 - decay` with a relative error of about
-  `6e-8 / (1 - decay)`: 0.1% at `1 - decay = 6e-5` (t of about 1e5 for
-  gamma=7), 5% at t of about 1e7. Enable x64 (`jax.config.update(
-  "jax_enable_x64", True)`) for runs of tens of millions of steps.
+  Precision: the average uses the weight `1 - decay`, computed as
+  `-expm1((gamma + 1) * log1p(-1 / t))`, which is exact to float32 precision
+  at every int32 step (a float32 decay itself would carry `1 - decay` with a
+  relative error of about `6e-8 / (1 - decay)`: 16% at t = 2e7).
 
   Returns:
     A schedule `count -> decay`, 0 at `count=0`.
@@ -233,16 +297,19 @@ def power_decay(
     raise ValueError(f"`gamma` must be > -1, got {gamma}.")
   exponent = gamma + 1.0
 
-  def schedule(count: jax.Array) -> jax.Array:
-    t = _float(count) + 1.0
-    # exp(log1p) rather than (1 - 1/t) ** e: `1 - 1/t` rounds to 1 in float32
-    # past t = 2**24 and would freeze the average.
-    return jnp.exp(exponent * jnp.log1p(-1.0 / t))
+  def log_decay(count: jax.Array) -> jax.Array:
+    # log1p rather than log(1 - 1/t): `1 - 1/t` rounds to 1 in float32 past
+    # t = 2**24 and would freeze the average.
+    return exponent * jnp.log1p(-1.0 / (_float(count) + 1.0))
 
-  return schedule
+  return DecaySchedule(
+      lambda count: jnp.exp(log_decay(count)),
+      lambda count: -jnp.expm1(log_decay(count)),
+      f"power_decay(gamma={gamma!r})",
+  )
 
 
-def half_life_decay(half_life: float) -> Schedule:
+def half_life_decay(half_life: float) -> DecaySchedule:
   """A constant decay `0.5 ** (1 / half_life)`: a step's weight halves every `half_life` steps.
 
   Args:
@@ -256,5 +323,10 @@ def half_life_decay(half_life: float) -> Schedule:
     >>> round(float(ema_jax.half_life_decay(693.1)(0)), 6)
     0.999
   """
-  half_life = _check_positive("half_life", half_life)
-  return constant_decay(0.5 ** (1.0 / half_life))
+  half_life = _checks.positive_float("half_life", half_life)
+  weight = -math.expm1(-math.log(2.0) / half_life)
+  return DecaySchedule(
+      lambda count: _constant(1.0 - weight, count),
+      lambda count: _constant(weight, count),
+      f"half_life_decay({half_life!r})",
+  )

@@ -1,10 +1,21 @@
-"""The EMA state, and the swapped form it takes while the EMA weights are out."""
+"""The EMA state types, and how to find one inside any optax state.
+
+One family: `EmaState` holds one average per leaf, `MultiEmaState` holds `n`
+stacked on a leading axis, and each has a swapped form that `ema_jax.swap`
+makes while the EMA weights are out in the params. The four types share their
+fields, so every function reads them the same way; the type is the one static
+fact the arrays cannot tell (whether averaged leaves carry the leading axis).
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import itertools
+from typing import Any, NamedTuple, Union
 
 import jax
+import jax.numpy as jnp
+
+from ema_jax import _leaves
 
 
 class EmaState(NamedTuple):
@@ -32,24 +43,53 @@ class EmaState(NamedTuple):
 
   count: jax.Array  # type: ignore[assignment]  # optax's field name
   ema: Any
-  debias_norm: jax.Array | None
+  debias_norm: jax.Array | None = None
+  rounding_key: jax.Array | None = None
+
+
+class MultiEmaState(NamedTuple):
+  """State of `ema_jax.multi_ema`: `n` averages of the params, stacked.
+
+  Attributes:
+    count: number of updates seen so far. shape=(), int32.
+    ema: a tree like the params. Averaged leaves hold all `n` averages stacked
+      on a new leading axis, shape `(n, *param.shape)`, sharded like the param
+      on the trailing axes; integer, boolean and PRNG-key leaves hold the
+      latest param value once (they are the same for every average); leaves
+      excluded by `mask` are `None`.
+    debias_norm: as in `EmaState`, one per average. shape=(n,).
+    rounding_key: as in `EmaState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, ema_jax
+    >>> state = ema_jax.multi_ema([0.9, 0.99]).init({"w": jnp.ones(3)})
+    >>> state.count, state.ema["w"].shape
+    (Array(0, dtype=int32), (2, 3))
+  """
+
+  count: jax.Array  # type: ignore[assignment]
+  ema: Any
+  debias_norm: jax.Array | None = None
   rounding_key: jax.Array | None = None
 
 
 class SwappedEmaState(NamedTuple):
   """An `EmaState` whose average is out in the params: `ema_jax.swap` made it.
 
-  It holds the raw (training) parameters in place of the average, under a
-  field name of its own, so that:
+  It keeps the average (`ema`) and holds the raw (training) parameters beside
+  it, under a field name of its own, so that:
 
-  * `update` refuses it with an error at trace time, at no run-time cost, and
+  * swapping back restores the average from here, whatever params it is given:
+    nothing done to the params while swapped can lose or change it;
+  * `update` refuses it with an error at trace time, at no run-time cost; and
   * a checkpoint written while swapped cannot be restored into an unswapped
     state template by mistake (the tree keys differ).
 
   Attributes:
     count: as in `EmaState`.
+    ema: the average, unchanged (the params handed out are these arrays).
     raw_params: the training parameters, held while the EMA is swapped in;
-      `None` at leaves excluded by `mask`.
+      `None` at leaves the EMA does not cover.
     debias_norm: as in `EmaState`.
     rounding_key: as in `EmaState`.
 
@@ -62,10 +102,156 @@ class SwappedEmaState(NamedTuple):
   """
 
   count: jax.Array  # type: ignore[assignment]
+  ema: Any
   raw_params: Any
-  debias_norm: jax.Array | None
+  debias_norm: jax.Array | None = None
   rounding_key: jax.Array | None = None
 
 
-def is_ema_state(x: Any) -> bool:
-  return isinstance(x, (EmaState, SwappedEmaState))
+class SwappedMultiEmaState(NamedTuple):
+  """A `MultiEmaState` whose average number `index` is out in the params.
+
+  `ema_jax.swap(params, state, index=i)` makes it; swapping again restores the
+  `MultiEmaState`. Like `SwappedEmaState`, it keeps every average, so swapping
+  back cannot lose one, and it has a type and fields of its own, so `update`
+  refuses it and a checkpoint of it does not restore into an unswapped
+  template.
+
+  Attributes:
+    count: as in `MultiEmaState`.
+    ema: the stacked averages, unchanged.
+    raw_params: the training params held while average `index` is swapped in;
+      `None` at leaves the EMA does not cover.
+    index: which average is out. shape=(), int32.
+    debias_norm: as in `MultiEmaState`.
+    rounding_key: as in `MultiEmaState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, ema_jax
+    >>> params = jnp.array([3.0])
+    >>> state = ema_jax.multi_ema([0.9, 0.99]).init(params)
+    >>> ema_weights, swapped = ema_jax.swap(params, state, index=1)
+    >>> type(swapped).__name__, swapped.index
+    ('SwappedMultiEmaState', Array(1, dtype=int32))
+  """
+
+  count: jax.Array  # type: ignore[assignment]
+  ema: Any
+  raw_params: Any
+  index: jax.Array  # type: ignore[assignment]
+  debias_norm: jax.Array | None = None
+  rounding_key: jax.Array | None = None
+
+
+AnyEmaState = Union[EmaState, MultiEmaState, SwappedEmaState, SwappedMultiEmaState]
+STATE_TYPES = (EmaState, MultiEmaState, SwappedEmaState, SwappedMultiEmaState)
+SWAPPED_TYPES = (SwappedEmaState, SwappedMultiEmaState)
+MULTI_TYPES = (MultiEmaState, SwappedMultiEmaState)
+
+
+def is_state(x: Any) -> bool:
+  """Whether `x` is an ema_jax EMA state, swapped or not."""
+  return isinstance(x, STATE_TYPES)
+
+
+def is_multi(x: Any) -> bool:
+  return isinstance(x, MULTI_TYPES)
+
+
+def num_averages(state: AnyEmaState) -> int:
+  """How many averages the state holds (1 for a single EMA).
+
+  A multi state without any averaged leaf gives 0: it has nothing to pick.
+  """
+  if not is_multi(state):
+    return 1
+  stacked = [
+      e for e in jax.tree.leaves(state.ema)
+      if _leaves.stored_kind(e) is _leaves.Kind.AVERAGE
+  ]
+  return int(jnp.shape(stacked[0])[0]) if stacked else 0
+
+
+def find(state: Any, which: int | None) -> tuple[int, AnyEmaState]:
+  """The EMA state number `which` inside an optax state, and that number."""
+  found = [
+      (path, s)
+      for path, s in jax.tree_util.tree_flatten_with_path(
+          state, is_leaf=is_state
+      )[0]
+      if is_state(s)
+  ]
+  if not found:
+    raise ValueError(
+        "No ema_jax EMA state found in `state`. Pass the optimizer state of a "
+        "transformation that contains `ema_jax.ema()` (put it last in your "
+        "optax.chain) or a preset."
+    )
+  if which is None:
+    if len(found) > 1:
+      places = ", ".join(
+          jax.tree_util.keystr(tuple(path)) or "<root>" for path, _ in found
+      )
+      raise ValueError(
+          f"`state` holds {len(found)} EMA states (at {places}); pass "
+          "`which=i` to pick the i-th, counting from 0 in that order."
+      )
+    which = 0
+  if isinstance(which, bool) or not isinstance(which, int):
+    raise TypeError(f"`which` must be a Python int, got {which!r}.")
+  if not 0 <= which < len(found):
+    raise ValueError(
+        f"`which={which}` is out of range: `state` holds {len(found)} EMA "
+        "state(s)."
+    )
+  return which, found[which][1]
+
+
+def replace(state: Any, which: int, new: AnyEmaState) -> Any:
+  """`state` with its EMA state number `which` replaced by `new`."""
+  if is_state(state):
+    return new
+  seen = itertools.count()
+
+  def pick(x: Any) -> Any:
+    return new if is_state(x) and next(seen) == which else x
+
+  return jax.tree.map(pick, state, is_leaf=is_state)
+
+
+def counts(state: Any) -> list[jax.Array]:
+  """The `count` of every EMA state inside an optax state, in tree order."""
+  return [s.count for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
+
+
+def is_swapped(state: Any, *, which: int | None = None) -> bool:
+  """Whether the EMA weights are out in the params (the state is swapped).
+
+  Decided from the state's type alone: `ema_jax.swap` turns an `EmaState`
+  into a `SwappedEmaState` (a `MultiEmaState` into a `SwappedMultiEmaState`)
+  and back, so nothing outside the state needs to remember it.
+
+  Args:
+    state: an EMA state or any optax state holding one.
+    which: with several EMA states in `state`, the index of the one to ask
+      about (as in `ema_jax.swap`).
+
+  Returns:
+    `True` while the EMA is swapped into the params.
+
+  Raises:
+    ValueError: no EMA state in `state`, or several and no `which`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax
+    >>> tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.9))
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> ema_jax.is_swapped(state)
+    False
+    >>> ema_weights, state = ema_jax.swap(params, state)
+    >>> ema_jax.is_swapped(state)
+    True
+  """
+  _, found = find(state, which)
+  return isinstance(found, SWAPPED_TYPES)

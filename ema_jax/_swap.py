@@ -1,87 +1,77 @@
-"""Reading the EMA out of an optimizer state, and swapping it with the params."""
+"""Reading the EMA out of an optimizer state, and swapping it with the params.
+
+For every state kind (single or multi, plain or swapped, masked or inside
+`optax.masked` / `optax.multi_transform`), through one alignment of the state
+with the params.
+"""
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from ema_jax import _checks
+from ema_jax import _leaves
 from ema_jax import _memory
-from ema_jax import _multi
-from ema_jax import _swap_check
-from ema_jax import _tree
-from ema_jax._state import EmaState, SwappedEmaState, is_ema_state
+from ema_jax import _state
+from ema_jax._leaves import Kind
+from ema_jax._memory import MemoryKind
 
 
-def _is_state(x: Any) -> bool:
-  return is_ema_state(x) or _multi.is_multi_state(x)
-
-
-def _find(state: Any, which: int | None) -> tuple[int, Any]:
-  found = [
-      (path, s)
-      for path, s in jax.tree_util.tree_flatten_with_path(
-          state, is_leaf=_is_state
-      )[0]
-      if _is_state(s)
-  ]
-  if not found:
-    raise ValueError(
-        "No ema_jax EMA state found in `state`. Pass the optimizer state of a "
-        "transformation that contains `ema_jax.ema()` (put it last in your "
-        "optax.chain) or a preset."
-    )
-  if which is None:
-    if len(found) > 1:
-      places = ", ".join(_tree.path_str(path) for path, _ in found)
+def _index(found: _state.AnyEmaState, index: Any) -> int | None:
+  """The checked `index` for a state: required for multi, refused otherwise."""
+  if not _state.is_multi(found):
+    if index is not None:
       raise ValueError(
-          f"`state` holds {len(found)} EMA states (at {places}); pass "
-          "`which=i` to pick the i-th, counting from 0 in that order."
+          f"`index={index}` picks one average of a `multi_ema` state, but the "
+          "EMA state found is a single EMA; drop `index` (use `which` to "
+          "choose among several EMA states)."
       )
-    which = 0
-  if not 0 <= which < len(found):
+    return None
+  n = _state.num_averages(found)
+  if index is None:
     raise ValueError(
-        f"`which={which}` is out of range: `state` holds {len(found)} EMA "
-        "state(s)."
+        f"The multi-EMA state holds {n} averages; pass `index=i` to pick "
+        "average i (the position of its decay in `decays`)."
     )
-  return which, found[which][1]
+  return _checks.index(index, n)
 
 
-def _replace(state: Any, which: int, new: Any) -> Any:
-  if _is_state(state):
-    return new
-  seen = itertools.count()
-
-  def pick(x: Any) -> Any:
-    return new if _is_state(x) and next(seen) == which else x
-
-  return jax.tree.map(pick, state, is_leaf=_is_state)
+def _pick(stored: Any, index: int | None) -> Any:
+  """One leaf of the average: slot `index` of a stacked leaf, else as stored."""
+  if index is None or _leaves.stored_kind(stored) is not Kind.AVERAGE:
+    return stored
+  return stored[index]
 
 
 def ema_params(
     state: optax.OptState,
-    index: int | None = None,
     *,
+    index: int | None = None,
     which: int | None = None,
-    memory_kind: str | None = None,
+    memory_kind: MemoryKind = None,
 ) -> optax.Params:
-  """The EMA of the params, from an `EmaState` or any optax state holding one.
+  """The EMA of the params, from an EMA state or any optax state holding one.
 
   The state may be nested (`optax.chain`, `optax.MultiSteps`,
-  `optax.inject_hyperparams`, a Flax `TrainState.opt_state`...). Leaves that
-  `mask` excluded are `None`; integer, boolean and key leaves hold the latest
-  params' values. Nothing is computed or copied: the arrays returned are the
-  state's own, so a jitted step that donates the optimizer state deletes them;
-  copy them first (`jax.tree.map(jnp.copy, ...)`, or
+  `optax.inject_hyperparams`, `optax.masked`, `optax.multi_transform`, a Flax
+  `TrainState.opt_state`...). Leaves the EMA does not cover (excluded by
+  `mask`, or outside the `optax.masked` / `multi_transform` part the EMA runs
+  in) are `None`; integer, boolean and key leaves hold the latest params'
+  values. For a single EMA nothing is computed or copied: the arrays returned
+  are the state's own, so a jitted step that donates the optimizer state
+  deletes them; copy them first (`jax.tree.map(jnp.copy, ...)`, or
   `ema_jax.flax.export_ema`) to keep them across a donated step.
 
   Args:
     state: an optimizer state containing exactly one EMA state, or several and
       `which`.
     index: for a `multi_ema` state, which of its averages to read (the
-      position of its decay in `decays`); must be `None` for other states.
+      position of its decay in `decays`), a Python int; must be `None` for
+      other states.
     which: with several EMA states, the index of the one to read, in tree
       order (see the error message for where each is).
     memory_kind: `None` returns the average where it is. `'device'` returns
@@ -94,8 +84,9 @@ def ema_params(
 
   Raises:
     ValueError: no EMA state, several and no `which`, a swapped state (the
-      EMA is then in your params), or `index` missing for a multi-EMA state
-      (or given for another state).
+      EMA is then in your params), `index` missing for a multi-EMA state,
+      given for another state, or out of range.
+    TypeError: `index` not a Python int (a traced index cannot be checked).
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax
@@ -104,31 +95,17 @@ def ema_params(
     >>> ema_jax.ema_params(state)
     {'w': Array([0., 0., 0.], dtype=float32)}
   """
-  memory_kind = _memory.check_memory_kind("memory_kind", memory_kind)
-  _, found = _find(state, which)
-  _check_index_for(found, index)
-  if isinstance(found, _multi.MultiEmaState):
-    if index is None:
-      raise ValueError(
-          f"The multi-EMA state holds {_multi._num_averages(found)} averages; "
-          "pass `index=i` to read average i."
-      )
-    return _memory.put_tree(_multi.read(found, index), memory_kind)
-  if isinstance(found, (SwappedEmaState, _multi.SwappedMultiEmaState)):
-    raise ValueError(
-        "The EMA state is swapped: the EMA weights are in your params now. "
-        "Swap back with `ema_jax.swap(params, state)` to read it from the state."
-    )
-  return _memory.put_tree(found.ema, memory_kind)
+  memory_kind = _checks.memory_kind(memory_kind)
+  _, found = _state.find(state, which)
+  _checks.not_swapped(found, "`ema_params`")
+  i = _index(found, index)
 
+  def read(stored: Any) -> Any:
+    if _leaves.is_uncovered(stored):
+      return None
+    return _memory.put(_pick(stored, i), memory_kind)
 
-def _check_index_for(found: Any, index: int | None) -> None:
-  if index is not None and not _multi.is_multi_state(found):
-    raise ValueError(
-        f"`index={index}` picks one average of a `multi_ema` state, but the "
-        "EMA state found is a single EMA; drop `index` (use `which` to choose "
-        "among several EMA states)."
-    )
+  return jax.tree.map(read, found.ema, is_leaf=_leaves.is_uncovered)
 
 
 def swap(
@@ -137,44 +114,54 @@ def swap(
     *,
     which: int | None = None,
     index: int | None = None,
-    memory_kind: str | None = None,
+    memory_kind: MemoryKind = None,
 ) -> tuple[optax.Params, optax.OptState]:
   """Exchange the params and their EMA: evaluate with the EMA, then swap back.
 
-  Pure and exact: it returns the EMA as params and a state holding the former
-  params in the EMA's place; calling it again gives both trees back bit for
-  bit. For an `ema()` state nothing is computed or copied (under jit it
-  compiles to no arithmetic); for a `multi_ema` state, swapping in slices out
-  average `index` (a copy of one average) and swapping back writes nothing.
-  Outside jit, swapping back with the raw params instead of the EMA weights
-  `swap` returned raises an error rather than overwrite the EMA.
-  Swapped params keep the EMA's dtype (float32 for bfloat16 params by default).
-  Leaves that `mask` excluded stay as they are in `params`.
+  Pure and exact. Swapping in returns the EMA as params and a swapped state
+  that keeps the average and holds the former params beside it; swapping
+  back returns those params and the unswapped state, bit for bit. Swapping
+  back takes the average from the state, never from the params it is given
+  (their structure and shapes are checked, their values are not used), so
+  no mistake can lose the average: swapping back with a copy of the raw
+  params, or across separately jitted calls, restores the same state.
 
-  While swapped, the state is a `SwappedEmaState`: `update` refuses it with an
-  error, so a training step cannot silently average the EMA with itself, and a
-  checkpoint of it does not restore into an unswapped state.
+  Cost: for an `ema()` state nothing is computed or copied: the params
+  handed out are the state's own average arrays (under jit, no arithmetic);
+  for a `multi_ema` state, swapping in slices out a copy of average `index`.
+  Swapping back computes and copies nothing. Donating the swapped-in params
+  to a jitted function deletes the average they share with the state.
+  Swapped params keep the EMA's dtype (float32 for bfloat16 params by
+  default). Leaves the EMA does not cover (excluded by `mask`, or outside its
+  `optax.masked` / `multi_transform` part) stay as they are in `params`.
+
+  While swapped, the state is a `SwappedEmaState` (or
+  `SwappedMultiEmaState`): `update` refuses it with an error, so a training
+  step cannot silently average the EMA with itself, and a checkpoint of it
+  does not restore into an unswapped state.
 
   Args:
     params: the params (or, to swap back, the EMA weights that `swap` returned).
-    state: an `EmaState`, a `SwappedEmaState`, or any optax state holding one.
+    state: an EMA state, swapped or not, or any optax state holding one.
     which: with several EMA states in `state`, the index of the one to swap.
-    index: for a `multi_ema` state, which of its averages to swap in; swapping
-      back needs no `index` (the state remembers it).
+    index: for a `multi_ema` state, which of its averages to swap in, a
+      Python int; swapping back needs no `index` (the state records it).
     memory_kind: `None` exchanges the trees as they are. `'device'` puts the
       returned params in device memory, and each leaf the state takes in
-      their place where the leaf it replaces was: with an EMA kept in host
-      memory (`ema(memory_kind='pinned_host')`), the EMA comes to the device
-      to evaluate and the training params wait in host memory, so device
-      memory use does not grow; swapping back with `memory_kind='device'`
-      restores both placements. Transfers are exact.
+      their place where the average it stands beside is: with an EMA kept in
+      host memory (`ema(memory_kind='pinned_host')`), the EMA comes to the
+      device to evaluate and the training params wait in host memory, so
+      device memory use does not grow; swapping back with
+      `memory_kind='device'` brings them back. Transfers are exact.
 
   Returns:
     `(params, state)` swapped.
 
   Raises:
     ValueError: when `params` do not have the structure or shapes of the
-      average (the message names the leaf), or `state` holds no EMA state.
+      average (the message names the leaf), `state` holds no EMA state, or
+      `index` is missing, out of range or given for a single EMA.
+    TypeError: `index` not a Python int (a traced index cannot be checked).
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax
@@ -190,44 +177,59 @@ def swap(
     >>> params
     Array([0.], dtype=float32)
   """
-  memory_kind = _memory.check_memory_kind("memory_kind", memory_kind)
-  which, found = _find(state, which)
-  _check_index_for(found, index)
-  if _multi.is_multi_state(found):
-    if memory_kind is not None:
-      raise ValueError(
-          "`memory_kind` applies to `ema()` states (host offload); a "
-          "`multi_ema` state keeps its averages in device memory: drop it."
-      )
-    out, new_multi = _multi.swap(params, found, index)
-    return out, _replace(state, which, new_multi)
+  memory_kind = _checks.memory_kind(memory_kind)
+  which, found = _state.find(state, which)
+  multi = _state.is_multi(found)
+  what = "multi-EMA state" if multi else "EMA state"
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  held_tree = found.ema if isinstance(found, EmaState) else found.raw_params
-  held = _tree.flatten_like(treedef, held_tree, "EMA state")
-  out_params: list[Any] = []
-  keep: list[Any] = []
-  for (path, p), h in zip(flat, held):
-    if h is None:  # excluded by `mask`: stays in params
-      out_params.append(p)
-      keep.append(None)
-      continue
-    if jax.numpy.shape(p) != jax.numpy.shape(h):
-      raise ValueError(
-          f"Leaf {_tree.path_str(path)}: params have shape "
-          f"{jax.numpy.shape(p)} but the EMA state holds shape "
-          f"{jax.numpy.shape(h)}."
-      )
-    if isinstance(found, SwappedEmaState):
-      _swap_check.refuse_raw_params(path, p, h)
-    if memory_kind is not None:
-      h, p = _memory.put(h, memory_kind), _memory.same_memory_as(p, h)
-    out_params.append(h)
-    keep.append(p)
-  kept = jax.tree.unflatten(treedef, keep)
-  if isinstance(found, EmaState):
-    new: Any = SwappedEmaState(
-        found.count, kept, found.debias_norm, found.rounding_key
+  stored = _leaves.flatten_like(treedef, found.ema, what)
+  n = _state.num_averages(found) if multi else None
+  swapped = isinstance(found, _state.SWAPPED_TYPES)
+  if swapped:
+    if index is not None:
+      i = _index(found, index)
+      recorded = found.index  # type: ignore[union-attr]
+      if not isinstance(recorded, jax.core.Tracer) and i != int(recorded):
+        raise ValueError(
+            f"`index={index}` but average {int(recorded)} is swapped in; "
+            "swap back with `index=None` (the state records which)."
+        )
+    held = _leaves.flatten_like(treedef, found.raw_params, what)
+  else:
+    i = _index(found, index)
+
+  out: list[Any] = []
+  raw: list[Any] = []
+  for k, ((path, p), e) in enumerate(zip(flat, stored)):
+    kind = _leaves.stored_kind(e)
+    _leaves.check_stored(path, p, e, kind, what, num_averages=n)
+    if kind is Kind.SKIP:
+      out.append(p)
+      raw.append(e)  # the state's placeholder: None or optax.MaskedNode
+    elif swapped:
+      out.append(_memory.put(held[k], memory_kind))
+    else:
+      ema_leaf = _pick(e, i)
+      if memory_kind is not None:
+        ema_leaf = _memory.put(ema_leaf, memory_kind)
+        p = _memory.same_memory_as(p, e)
+      out.append(ema_leaf)
+      raw.append(p)
+
+  new: Any
+  if swapped:
+    rest = (found.debias_norm, found.rounding_key)
+    new = (_state.MultiEmaState if multi else _state.EmaState)(
+        found.count, found.ema, *rest
+    )
+  elif multi:
+    new = _state.SwappedMultiEmaState(
+        found.count, found.ema, jax.tree.unflatten(treedef, raw),
+        jnp.asarray(i, jnp.int32), found.debias_norm, found.rounding_key,
     )
   else:
-    new = EmaState(found.count, kept, found.debias_norm, found.rounding_key)
-  return jax.tree.unflatten(treedef, out_params), _replace(state, which, new)
+    new = _state.SwappedEmaState(
+        found.count, found.ema, jax.tree.unflatten(treedef, raw),
+        found.debias_norm, found.rounding_key,
+    )
+  return jax.tree.unflatten(treedef, out), _state.replace(state, which, new)

@@ -28,11 +28,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ema_jax import _checks
 from ema_jax import _ema
-from ema_jax import _multi
+from ema_jax import _leaves
 from ema_jax import _schedules
-from ema_jax import _swap
-from ema_jax import _tree
+from ema_jax import _state
+from ema_jax._leaves import Mask
 
 __all__ = ["Snapshotter", "SweepResult", "solve_weights", "sweep", "synthesize"]
 
@@ -127,7 +128,7 @@ def _stacked_sharding(sharding: Any) -> Any:
 def _as_saved(e: Any, dtype: np.dtype) -> Any:
   # Always a fresh buffer: the caller may donate its optimizer state to the
   # next step while Orbax still writes this one in the background.
-  if _multi._is_stacked(e):
+  if _leaves.stored_kind(e) is _leaves.Kind.AVERAGE:
     return jnp.array(e, dtype=dtype, copy=True)
   return e if e is None else jnp.array(e, copy=True)
 
@@ -181,7 +182,7 @@ class Snapshotter:
     (2, 4)
     >>> # A tracked width comes back as it was tracked:
     >>> ema = ema_jax.posthoc.synthesize(directory, sigma_rel=0.10)
-    >>> ema["w"].round(4), ema_jax.ema_params(opt_state, 1)["w"].round(4)
+    >>> ema["w"].round(4), ema_jax.ema_params(opt_state, index=1)["w"].round(4)
     (Array([0.3894, 0.3894], dtype=float32), Array([0.3894, 0.3894], dtype=float32))
   """
 
@@ -198,8 +199,8 @@ class Snapshotter:
       async_save: bool = True,
   ):
     self.gammas = _gammas(sigma_rels, gammas)
-    self.update_every = _ema._check_int("update_every", update_every, 1)
-    self.every = _ema._check_int("every", every, 1)
+    self.update_every = _checks.integer("update_every", update_every, 1)
+    self.every = _checks.integer("every", every, 1)
     if self.every % self.update_every:
       raise ValueError(
           f"`every` ({self.every}) must be a multiple of `update_every` "
@@ -238,7 +239,7 @@ class Snapshotter:
     return tuple(sorted(self._manager.all_steps()))
 
   def ema(
-      self, *, ema_dtype: Any = None, mask: _tree.MaskOrFn = None
+      self, *, ema_dtype: Any = None, mask: Mask = None
   ) -> optax.GradientTransformation:
     """The power-function EMAs to track, as a `multi_ema` to put last in a chain.
 
@@ -257,23 +258,23 @@ class Snapshotter:
       >>> state.ema["w"].shape  # sigma_rel 0.05 and 0.10, stacked
       (2, 3)
     """
-    return _multi.multi_ema(
+    return _ema.multi_ema(
         [_schedules.power_decay(gamma=g) for g in self.gammas],
         update_every=self.update_every,
         ema_dtype=ema_dtype,
         mask=mask,
     )
 
-  def _state(self, opt_state: Any) -> _multi.MultiEmaState:
-    _, found = _swap._find(opt_state, self.which)
-    if not isinstance(found, _multi.MultiEmaState):
+  def _tracked(self, opt_state: Any) -> _state.MultiEmaState:
+    _, found = _state.find(opt_state, self.which)
+    if not isinstance(found, _state.MultiEmaState):
       raise ValueError(
           f"The EMA state found is a {type(found).__name__}, not the "
           "`MultiEmaState` of `Snapshotter.ema()`"
           + (" (swap back before saving)." if "Swapped" in type(found).__name__
              else "; pass `which=` to pick it.")
       )
-    n = _multi._num_averages(found)
+    n = _state.num_averages(found)
     if n != len(self.gammas):
       raise ValueError(
           f"The multi-EMA state holds {n} averages but the snapshotter tracks "
@@ -301,7 +302,7 @@ class Snapshotter:
       False
     """
     if step is None:
-      step = int(self._state(opt_state).count)
+      step = int(self._tracked(opt_state).count)
     if step <= 0 or step % self.every:
       return False
     return self._save(opt_state, step) is not None
@@ -333,7 +334,7 @@ class Snapshotter:
     return self._save(opt_state, None)
 
   def _save(self, opt_state: Any, expected: int | None) -> int | None:
-    state = self._state(opt_state)
+    state = self._tracked(opt_state)
     step = int(state.count)
     if expected is not None and expected != step:
       raise ValueError(
@@ -470,8 +471,8 @@ class _Reader:
       sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(
           jax.devices()[0]
       )
-      shape, dtype = jnp.shape(leaf), _tree._dtype(leaf)
-      if _tree.is_float(leaf):
+      shape, dtype = jnp.shape(leaf), _leaves.leaf_dtype(leaf)
+      if _leaves.is_float(leaf):
         out.append(jax.ShapeDtypeStruct(
             (n, *shape), np.dtype(meta["dtype"]),
             sharding=_stacked_sharding(sharding),
@@ -537,7 +538,10 @@ def _synthesize(
     leaves, treedef = jax.tree.flatten(
         reader.restore(s, like), is_leaf=lambda x: x is None
     )
-    stacked = [i for i, e in enumerate(leaves) if _multi._is_stacked(e)]
+    stacked = [
+        i for i, e in enumerate(leaves)
+        if _leaves.stored_kind(e) is _leaves.Kind.AVERAGE
+    ]
     stacks = [leaves[i] for i in stacked]
     # Carried (integer) leaves come from the last snapshot, the one of `step`.
     out = [None if i in stacked else e for i, e in enumerate(leaves)]

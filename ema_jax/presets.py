@@ -6,6 +6,12 @@ computes for the same sequence of parameter values, with its own argument
 names and defaults. In the notation below `k` is the number of optimizer
 updates done before the current one (0 at the first), `t = k + 1`, and `p_t`
 are the params after update `t`; every library averages after the update.
+
+Every preset takes the first argument of the library's constructor
+positionally and everything else by keyword, with the library's names, plus
+the storage options of `ema_jax.ema`: `ema_dtype`, `mask`, `rounding`, `key`
+and `memory_kind` (e.g. timm's EMA with a bfloat16, stochastically rounded
+average kept in host memory).
 """
 
 from __future__ import annotations
@@ -16,17 +22,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ema_jax import _ema
+from ema_jax import _checks
+from ema_jax import _engine
 from ema_jax import _schedules
+from ema_jax._leaves import Mask
+from ema_jax._memory import MemoryKind
+from ema_jax._rounding import Rounding
 
 __all__ = ["keras", "tfa", "timm", "diffusers", "ema_pytorch"]
 
 
-def _shifted(schedule: _schedules.Schedule, shift: int) -> _schedules.Schedule:
-  def shifted(count: jax.Array) -> jax.Array:
-    return schedule(count + shift)
+def _shifted(
+    schedule: _schedules.Schedule, shift: int
+) -> _schedules.DecaySchedule:
+  weight = _schedules.weight_fn(schedule)
 
-  return shifted
+  def moved(count: jax.Array) -> jax.Array:
+    # Saturate rather than wrap around at the int32 limit.
+    return jnp.minimum(count, _checks.INT32_MAX - shift) + shift
+
+  return _schedules.DecaySchedule(
+      lambda count: schedule(moved(count)),
+      lambda count: weight(moved(count)),
+      f"{schedule!r} shifted by {shift}",
+  )
+
+
+def _floored_tf_ramp(decay: float, min_decay: float) -> _schedules.DecaySchedule:
+  """diffusers' default: `max(min(decay, (1 + k) / (10 + k)), min_decay)`."""
+  ramp = _schedules.tf_dynamic_decay(decay)
+  floor = _checks.unit_float("min_decay", min_decay)
+  return _schedules.DecaySchedule(
+      lambda count: jnp.maximum(ramp(count), floor),
+      lambda count: jnp.minimum(ramp.weight(count), 1.0 - floor),
+      f"max({ramp!r}, {floor!r})",
+  )
 
 
 def _after_warmup_schedule(
@@ -36,39 +66,46 @@ def _after_warmup_schedule(
     gamma: float,
     power: float,
     ramp: str,
-) -> _schedules.Schedule:
+) -> _schedules.DecaySchedule:
   # timm and diffusers evaluate their schedule at s = t - update_after_step - 1,
   # which is 1 at the first averaged update; ema() counts that update as 0.
-  if use_warmup:
+  base: _schedules.Schedule
+  if _checks.boolean("use_warmup", use_warmup):
     base = _schedules.warmup_decay(
         decay, inv_gamma=gamma, power=power, min_decay=min_decay
     )
   elif ramp == "tf":
-    capped = _schedules.tf_dynamic_decay(decay)
-    floor = _schedules._check_unit_interval("min_decay", min_decay)
-
-    def base(count: jax.Array) -> jax.Array:
-      return jnp.maximum(capped(count), floor)
-
+    base = _floored_tf_ramp(decay, min_decay)
   else:
     base = _schedules.constant_decay(decay)
   return _shifted(base, 1)
 
 
 def keras(
-    ema_momentum: float = 0.99, ema_overwrite_frequency: int | None = None
+    ema_momentum: float = 0.99,
+    *,
+    ema_overwrite_frequency: int | None = None,
+    ema_dtype: Any = None,
+    mask: Mask = None,
+    rounding: Rounding = "nearest",
+    key: Any = 0,
+    memory_kind: MemoryKind = None,
 ) -> optax.GradientTransformation:
   """Keras 3's `optimizer(use_ema=True, ema_momentum, ema_overwrite_frequency)`.
 
   `e_1 = p_1` (the first update copies), then `e_t = m e_{t-1} + (1 - m) p_t`.
   With `ema_overwrite_frequency=F`, after the EMA update at steps F, 2F, ...
   the params are set to the EMA, through the updates this returns (training
-  continues from the EMA; the EMA itself is unchanged).
+  continues from the EMA; the EMA itself is unchanged). The average is
+  computed with Keras' own float32 arithmetic, `m * e + (1 - m) * p`, so it
+  equals Keras' bit for bit where Keras runs op by op.
 
   Args:
     ema_momentum: Keras' `ema_momentum`, in [0, 1].
     ema_overwrite_frequency: Keras' `ema_overwrite_frequency`, an int >= 1 or
       None.
+    ema_dtype, mask, rounding, key, memory_kind: how and where the average
+      is stored, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
@@ -84,18 +121,36 @@ def keras(
     >>> params, ema_jax.ema_params(state)  # e_1 = 1, e_2 = 0.9 + 0.2
     (Array([2.], dtype=float32), Array([1.1], dtype=float32))
   """
-  schedule = _ema.as_schedule(ema_momentum, "ema_momentum")
-  return _ema.make_ema(
-      _ema.schedule_rule(schedule, start_step=1, update_every=1),
+  schedule = _schedules.as_schedule(ema_momentum, "ema_momentum")
+
+  def rule(count: jax.Array) -> _engine.Step:
+    # Keras: momentum = (iterations != 0) * ema_momentum, in float32.
+    keep = jnp.where(count < 1, 0.0, schedule(jnp.maximum(count - 1, 0)))
+    return _engine.Step(jnp.ones((), bool), 1 - keep, keep)
+
+  return _engine.transformation(
+      rule,
+      None,
       overwrite_every=ema_overwrite_frequency,
+      ema_dtype=ema_dtype,
+      mask=mask,
+      rounding=rounding,
+      key=key,
+      memory_kind=memory_kind,
   )
 
 
 def tfa(
     average_decay: float = 0.99,
+    *,
+    num_updates: int | None = None,
     start_step: int = 0,
     dynamic_decay: bool = False,
-    num_updates: Any = None,
+    ema_dtype: Any = None,
+    mask: Mask = None,
+    rounding: Rounding = "nearest",
+    key: Any = 0,
+    memory_kind: MemoryKind = None,
 ) -> optax.GradientTransformation:
   """TensorFlow Addons' `MovingAverage(opt, average_decay, num_updates, start_step, dynamic_decay)`.
 
@@ -110,6 +165,8 @@ def tfa(
     num_updates: TFA's `num_updates`: when given, an int `n` that caps
       `average_decay` at `(1 + n) / (10 + n)` once, when the transformation is
       built (TFA reads it once, at construction).
+    ema_dtype, mask, rounding, key, memory_kind: how and where the average
+      is stored, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain (or use
@@ -125,26 +182,41 @@ def tfa(
     Array([0.9], dtype=float32)
   """
   if num_updates is not None:
-    n = _ema._check_int("num_updates", num_updates, 0)
+    n = _checks.integer("num_updates", num_updates, 0)
     average_decay = min(
-        _schedules._check_unit_interval("average_decay", average_decay),
+        _checks.unit_float("average_decay", average_decay),
         (1.0 + n) / (10.0 + n),
     )
-  if dynamic_decay:
+  schedule: _schedules.Schedule
+  if _checks.boolean("dynamic_decay", dynamic_decay):
     schedule = _schedules.tf_dynamic_decay(average_decay)
   else:
-    schedule = _ema.as_schedule(average_decay, "average_decay")
-  start_step = _ema._check_int("start_step", start_step, 0)
-  return _ema.make_ema(_ema.schedule_rule(schedule, start_step, 1))
+    schedule = _schedules.as_schedule(average_decay, "average_decay")
+  start_step = _checks.integer("start_step", start_step, 0)
+  return _engine.transformation(
+      _engine.schedule_rule([schedule], start_step, 1),
+      None,
+      ema_dtype=ema_dtype,
+      mask=mask,
+      rounding=rounding,
+      key=key,
+      memory_kind=memory_kind,
+  )
 
 
 def timm(
     decay: float = 0.9999,
+    *,
     min_decay: float = 0.0,
     use_warmup: bool = False,
     warmup_gamma: float = 1.0,
     warmup_power: float = 2.0 / 3.0,
     update_after_step: int = 0,
+    ema_dtype: Any = None,
+    mask: Mask = None,
+    rounding: Rounding = "nearest",
+    key: Any = 0,
+    memory_kind: MemoryKind = None,
 ) -> optax.GradientTransformation:
   """timm's `ModelEmaV3`, updated as timm's train script does: `update(model, step=t)`.
 
@@ -161,6 +233,8 @@ def timm(
     warmup_gamma: timm's `warmup_gamma`.
     warmup_power: timm's `warmup_power`.
     update_after_step: timm's `update_after_step`.
+    ema_dtype, mask, rounding, key, memory_kind: how and where the average
+      is stored, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
@@ -176,22 +250,34 @@ def timm(
     >>> ema_jax.ema_params(state)  # step 1 copies 1; step 2: 0.5*1 + 0.5*2
     Array([1.5], dtype=float32)
   """
-  uas = _ema._check_int("update_after_step", update_after_step, 0)
+  uas = _checks.integer("update_after_step", update_after_step, 0)
   schedule = _after_warmup_schedule(
       decay, min_decay, use_warmup, warmup_gamma, warmup_power, ramp="constant"
   )
-  return _ema.make_ema(
-      _ema.schedule_rule(_ema.as_schedule(schedule), uas + 1, 1)
+  return _engine.transformation(
+      _engine.schedule_rule([_schedules.as_schedule(schedule)], uas + 1, 1),
+      None,
+      ema_dtype=ema_dtype,
+      mask=mask,
+      rounding=rounding,
+      key=key,
+      memory_kind=memory_kind,
   )
 
 
 def diffusers(
     decay: float = 0.9999,
+    *,
     min_decay: float = 0.0,
     update_after_step: int = 0,
     use_ema_warmup: bool = False,
     inv_gamma: float = 1.0,
     power: float = 2.0 / 3.0,
+    ema_dtype: Any = None,
+    mask: Mask = None,
+    rounding: Rounding = "nearest",
+    key: Any = 0,
+    memory_kind: MemoryKind = None,
 ) -> optax.GradientTransformation:
   """diffusers' `EMAModel`, stepped once per optimizer update.
 
@@ -207,6 +293,8 @@ def diffusers(
     use_ema_warmup: diffusers' `use_ema_warmup`.
     inv_gamma: diffusers' `inv_gamma`.
     power: diffusers' `power`.
+    ema_dtype, mask, rounding, key, memory_kind: how and where the average
+      is stored, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
@@ -222,22 +310,34 @@ def diffusers(
     >>> ema_jax.ema_params(state)  # step 1 copies 1; step 2 decay 2/11
     Array([1.8181819], dtype=float32)
   """
-  uas = _ema._check_int("update_after_step", update_after_step, 0)
+  uas = _checks.integer("update_after_step", update_after_step, 0)
   schedule = _after_warmup_schedule(
       decay, min_decay, use_ema_warmup, inv_gamma, power, ramp="tf"
   )
-  return _ema.make_ema(
-      _ema.schedule_rule(_ema.as_schedule(schedule), uas + 1, 1)
+  return _engine.transformation(
+      _engine.schedule_rule([_schedules.as_schedule(schedule)], uas + 1, 1),
+      None,
+      ema_dtype=ema_dtype,
+      mask=mask,
+      rounding=rounding,
+      key=key,
+      memory_kind=memory_kind,
   )
 
 
 def ema_pytorch(
     beta: float = 0.9999,
+    *,
     update_after_step: int = 100,
     update_every: int = 10,
     inv_gamma: float = 1.0,
     power: float = 2.0 / 3.0,
     min_value: float = 0.0,
+    ema_dtype: Any = None,
+    mask: Mask = None,
+    rounding: Rounding = "nearest",
+    key: Any = 0,
+    memory_kind: MemoryKind = None,
 ) -> optax.GradientTransformation:
   """ema-pytorch's `EMA(beta, update_after_step, update_every, inv_gamma, power, min_value)`.
 
@@ -256,6 +356,8 @@ def ema_pytorch(
     inv_gamma: ema-pytorch's `inv_gamma`.
     power: ema-pytorch's `power`.
     min_value: ema-pytorch's `min_value`.
+    ema_dtype, mask, rounding, key, memory_kind: how and where the average
+      is stored, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
@@ -272,17 +374,23 @@ def ema_pytorch(
     >>> ema_jax.ema_params(state)  # k=0 copies 1; k=2: epoch 2, decay 1 - 3**(-2/3)
     Array([1.9614997], dtype=float32)
   """
-  uas = _ema._check_int("update_after_step", update_after_step, 0)
-  every = _ema._check_int("update_every", update_every, 1)
-  schedule = _ema.as_schedule(
-      _schedules.warmup_decay(
-          beta, inv_gamma=inv_gamma, power=power, min_decay=min_value
-      )
+  uas = _checks.integer("update_after_step", update_after_step, 0)
+  every = _checks.integer("update_every", update_every, 1)
+  schedule = _schedules.warmup_decay(
+      beta, inv_gamma=inv_gamma, power=power, min_decay=min_value
   )
 
-  def rule(count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def rule(count: jax.Array) -> _engine.Step:
     epoch = count - uas
-    decay = jnp.where(epoch <= 0, 0.0, schedule(jnp.maximum(epoch, 0)))
-    return count % every == 0, decay
+    weight = jnp.where(epoch <= 0, 1.0, schedule.weight(jnp.maximum(epoch, 0)))
+    return _engine.Step(count % every == 0, weight)
 
-  return _ema.make_ema(rule)
+  return _engine.transformation(
+      rule,
+      None,
+      ema_dtype=ema_dtype,
+      mask=mask,
+      rounding=rounding,
+      key=key,
+      memory_kind=memory_kind,
+  )

@@ -339,7 +339,7 @@ def test_linen_multi_ema_resume_is_bitwise(tmp_path, swapped):
 
   assert_bitwise(resumed.params, uninterrupted.params)
   assert_bitwise(resumed.opt_state, uninterrupted.opt_state)
-  averages = [ema_jax.ema_params(resumed.opt_state, i) for i in range(2)]
+  averages = [ema_jax.ema_params(resumed.opt_state, index=i) for i in range(2)]
   kernel = resumed.params["Dense_0"]["kernel"]
   assert not np.array_equal(averages[0]["Dense_0"]["kernel"], kernel)
   assert not np.array_equal(averages[0]["Dense_0"]["kernel"], averages[1]["Dense_0"]["kernel"])
@@ -387,5 +387,5 @@ def test_nnx_multi_ema_resume_is_bitwise(tmp_path, swapped):
   model_state, optimizer_state = uninterrupted
   assert_bitwise(nnx.state(model), model_state)
   assert_bitwise(nnx.state(optimizer), optimizer_state)
-  averages = [ema_jax.ema_params(nnx.as_pure(optimizer.opt_state), i) for i in range(2)]
+  averages = [ema_jax.ema_params(nnx.as_pure(optimizer.opt_state), index=i) for i in range(2)]
   assert not np.array_equal(averages[0]["dense"]["kernel"], averages[1]["dense"]["kernel"])

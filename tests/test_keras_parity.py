@@ -153,7 +153,7 @@ def _assert_overwritten(new_params, emas, before, step: int) -> None:
 @pytest.mark.parametrize("optimizer, momentum, frequency", CONFIGS)
 def test_ema_is_bitwise_keras_on_its_trajectory(optimizer, momentum, frequency):
   run = _keras_run(optimizer, momentum, frequency)
-  tx = presets.keras(momentum, frequency)
+  tx = presets.keras(momentum, ema_overwrite_frequency=frequency)
   state = tx.init([jnp.asarray(x) for x in run.initial])
   for t in range(1, STEPS + 1):
     # `params + updates` must be exactly what Keras averaged: give it as
@@ -173,7 +173,7 @@ def test_ema_is_bitwise_keras_on_its_trajectory(optimizer, momentum, frequency):
 def test_ema_matches_keras_trajectory_jitted(optimizer, momentum, frequency):
   # The usual call: params before the step and the step as updates.
   run = _keras_run(optimizer, momentum, frequency)
-  tx = presets.keras(momentum, frequency)
+  tx = presets.keras(momentum, ema_overwrite_frequency=frequency)
   update = jax.jit(tx.update)
   state = tx.init([jnp.asarray(x) for x in run.initial])
   prev = run.initial
@@ -255,7 +255,7 @@ def _base_optimizer(kind: str, keras_opt: Any) -> optax.GradientTransformation:
 def _run_end_to_end(kind, momentum, frequency, jit):
   run = _keras_run("sgd" if kind == "sgd" else "adam", momentum, frequency)
   tx = optax.chain(
-      _base_optimizer(kind, run.optimizer), presets.keras(momentum, frequency)
+      _base_optimizer(kind, run.optimizer), presets.keras(momentum, ema_overwrite_frequency=frequency)
   )
   update = jax.jit(tx.update) if jit else tx.update
   params = [jnp.asarray(x) for x in run.initial]

@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ema_jax
-from ema_jax import _ema
+from ema_jax import _engine
 from ema_jax import posthoc
 
 
@@ -107,15 +107,16 @@ def test_sigma_rel_and_gamma_agree_with_the_bisection():
 def test_power_decay_with_update_every_is_edm2_beta(update_every):
   gamma = ema_jax.sigma_rel_to_gamma(0.1)
   rule = jax.jit(
-      _ema.schedule_rule(ema_jax.power_decay(gamma=gamma), 0, update_every)
+      _engine.schedule_rule([ema_jax.power_decay(gamma=gamma)], 0, update_every)
   )
   for count in [0, 1, 2, 3, 8, 9, 10, 19, 99, 999, 9_999, 99_999]:
-    active, decay = rule(jnp.int32(count))
+    active, weight, _ = rule(jnp.int32(count))
     t = count + 1  # optimizer steps done after this update
     assert bool(active) == (t % update_every == 0)
     if t % update_every == 0:
-      want = (1 - update_every / t) ** (gamma + 1)  # EDM2 Eq. 127
-      assert float(decay) == pytest.approx(want, rel=2e-5, abs=1e-7), count
+      # EDM2 Eq. 127, as the weight of the new value, in float64.
+      want = -np.expm1((gamma + 1) * np.log1p(-update_every / t))
+      assert float(weight[0]) == pytest.approx(want, rel=2e-6), count
 
 
 def _profile(tx, steps):
@@ -228,7 +229,7 @@ def test_tracked_widths_come_back_and_output_is_float32(walk):
   for i, sigma in enumerate(TRACKED):
     got = posthoc.synthesize(dirs["f32"], sigma_rel=sigma)
     assert got.dtype == jnp.float32 and got.shape == (DIM,)
-    np.testing.assert_allclose(got, ema_jax.ema_params(state, i), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got, ema_jax.ema_params(state, index=i), rtol=0, atol=2e-5)
 
 
 def test_solve_weights_matches_the_integral_form():
@@ -315,7 +316,7 @@ def test_tree_structure_carried_and_masked_leaves(tmp_path):
   params, state, _ = _model_run(tmp_path)
   got = posthoc.synthesize(tmp_path, sigma_rel=0.10, like=params)
   assert isinstance(got, Model)
-  want = ema_jax.ema_params(state[1], 1)
+  want = ema_jax.ema_params(state[1], index=1)
   np.testing.assert_allclose(got.dense["w"], want.dense["w"], atol=1e-5)
   np.testing.assert_allclose(got.dense["b"], want.dense["b"], atol=1e-5)
   assert got.dense["b"].dtype == jnp.float32  # the EMA of bf16 params is f32
@@ -359,7 +360,7 @@ def test_update_every_snapshots_match_edm2_with_delta_t(tmp_path):
       inputs.append((t, ref_gamma(s)))
       values.append(ref_track(traj, ref_gamma(s), update_every=5)[t - 1])
   np.testing.assert_allclose(
-      ema_jax.ema_params(state[1], 0).dense["w"], values[-2], rtol=1e-5
+      ema_jax.ema_params(state[1], index=0).dense["w"], values[-2], rtol=1e-5
   )
   x = ref_weights(inputs, 60, ref_gamma(0.2))
   got = posthoc.synthesize(tmp_path, sigma_rel=0.2, like=params)
@@ -401,7 +402,7 @@ def test_errors_name_the_argument(tmp_path):
     posthoc.Snapshotter(tmp_path, every=10, update_every=3)
   with pytest.raises(ValueError, match="not both"):
     posthoc.Snapshotter(tmp_path, every=10, sigma_rels=[0.1], gammas=[7.0])
-  with pytest.raises(ValueError, match="floating dtype"):
+  with pytest.raises(ValueError, match="floating dtype|`ema_dtype` must be one of"):
     posthoc.Snapshotter(tmp_path, every=10, dtype=jnp.int8)
   with pytest.raises(ValueError, match="sigma_rel"):
     posthoc.Snapshotter(tmp_path, every=10, sigma_rels=[0.5])

@@ -288,12 +288,12 @@ def test_timm_diffusers_first_steps(library, decay, min_frac,
                                     traj):
   min_decay = decay * min_frac
   if library == "timm":
-    tx = ema_jax.presets.timm(decay, min_decay, use_warmup=warmup,
+    tx = ema_jax.presets.timm(decay, min_decay=min_decay, use_warmup=warmup,
                               warmup_gamma=gamma, warmup_power=power,
                               update_after_step=update_after_step)
     default = "constant"
   else:
-    tx = ema_jax.presets.diffusers(decay, min_decay,
+    tx = ema_jax.presets.diffusers(decay, min_decay=min_decay,
                                    update_after_step=update_after_step,
                                    use_ema_warmup=warmup, inv_gamma=gamma,
                                    power=power)

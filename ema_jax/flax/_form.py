@@ -7,15 +7,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ema_jax import _multi
-from ema_jax import _swap
-from ema_jax._state import EmaState, SwappedEmaState, is_ema_state
-
-
-def opt_state_swapped(opt_state: Any, which: int | None) -> bool:
-  """True when the EMA state `which` in `opt_state` is in its swapped form."""
-  _, found = _swap._find(opt_state, which)
-  return isinstance(found, (SwappedEmaState, _multi.SwappedMultiEmaState))
+from ema_jax import _state
+from ema_jax._state import EmaState, SwappedEmaState
 
 
 def template_index(opt_state: Any, which: int | None) -> int | None:
@@ -24,14 +17,8 @@ def template_index(opt_state: Any, which: int | None) -> int | None:
   The swapped form's tree structure is the same whichever average is out (the
   index is a leaf), so 0 serves as a template for any swapped checkpoint.
   """
-  _, found = _swap._find(opt_state, which)
-  return 0 if isinstance(found, _multi.MultiEmaState) else None
-
-
-def ema_counts(opt_state: Any) -> list[Any]:
-  """The `count` of every ema_jax EMA state in `opt_state`, in tree order."""
-  states = jax.tree.leaves(opt_state, is_leaf=_swap._is_state)
-  return [s.count for s in states if _swap._is_state(s)]
+  _, found = _state.find(opt_state, which)
+  return 0 if isinstance(found, _state.MultiEmaState) else None
 
 
 def step_if_advanced(
@@ -58,7 +45,7 @@ def check_same_form(swapped: bool, stats_state: Any, where: str) -> None:
   """The EMA of the model state must be in the same form as the params' one."""
   if stats_state is None:
     return
-  if not is_ema_state(stats_state):
+  if not isinstance(stats_state, (EmaState, SwappedEmaState)):
     raise TypeError(
         f"`{where}` must hold an ema_jax EmaState (made by the `average_stats` "
         f"transformation), got {type(stats_state).__name__}."

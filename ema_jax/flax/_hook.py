@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 from flax import nnx
 
+import ema_jax
 from ema_jax.flax import _form
 from ema_jax.flax import _linen
 from ema_jax.flax import _nnx
@@ -90,7 +91,7 @@ def is_swapped(target: Any, *, which: int | None = None) -> bool:
     return _linen.swapped(target, which)
   if isinstance(target, nnx.Optimizer):
     return _nnx.swapped(target, which)
-  return _form.opt_state_swapped(target, which)
+  return ema_jax.is_swapped(target, which=which)
 
 
 class SwapEMAWeights:

@@ -10,6 +10,7 @@ from flax import struct
 from flax.training import train_state
 
 import ema_jax
+from ema_jax import _state
 from ema_jax.flax import _form
 
 # Flax's marker for params that are overwritten by their "gradient" (fp8
@@ -166,7 +167,7 @@ class TrainState(train_state.TrainState):
       >>> state.stats_ema.ema  # 0.5 * 0 + 0.5 * 1
       {'mean': Array([0.5], dtype=float32)}
     """
-    counts = _form.ema_counts(self.opt_state)
+    counts = _state.counts(self.opt_state)
     new = super().apply_gradients(grads=grads, **kwargs)
     if self.stats_tx is None:
       return new
@@ -177,7 +178,7 @@ class TrainState(train_state.TrainState):
 
     stats_ema = _form.step_if_advanced(
         counts,
-        _form.ema_counts(new.opt_state),
+        _state.counts(new.opt_state),
         step,
         self.stats_ema,
         new.batch_stats,
@@ -191,7 +192,7 @@ def is_train_state(x: Any) -> bool:
 
 def swapped(state: train_state.TrainState, which: int | None) -> bool:
   """Whether `state` has the EMA in `params`; checks the stats' EMA agrees."""
-  result = _form.opt_state_swapped(state.opt_state, which)
+  result = ema_jax.is_swapped(state.opt_state, which=which)
   _form.check_same_form(result, getattr(state, "stats_ema", None), "stats_ema")
   return result
 

@@ -10,6 +10,7 @@ from flax import nnx
 from flax.nnx.training.optimizer import to_opt_state
 
 import ema_jax
+from ema_jax import _state
 from ema_jax.flax import _form
 
 
@@ -135,7 +136,7 @@ class Optimizer(nnx.Optimizer):
       >>> optimizer.stats_ema.ema["var"][...]
       Array([3.], dtype=float32)
     """
-    counts = _form.ema_counts(nnx.as_pure(self.opt_state))
+    counts = _state.counts(nnx.as_pure(self.opt_state))
     updates = super().update(model, grads, **kwargs)
     if self.stats_tx is not None:
       stats_tx = self.stats_tx
@@ -148,7 +149,7 @@ class Optimizer(nnx.Optimizer):
 
       new_state = _form.step_if_advanced(
           counts,
-          _form.ema_counts(nnx.as_pure(self.opt_state)),
+          _state.counts(nnx.as_pure(self.opt_state)),
           step,
           nnx.as_pure(self.stats_ema),
           current,
@@ -172,7 +173,7 @@ def _stats_parts(optimizer: Any) -> tuple[Any, Any]:
 def swapped(optimizer: Any, which: int | None) -> bool:
   """Whether the model has the EMA in; checks the statistics' EMA agrees."""
   _check_optimizer(optimizer)
-  result = _form.opt_state_swapped(optimizer.opt_state, which)
+  result = ema_jax.is_swapped(optimizer.opt_state, which=which)
   stats_ema, _ = _stats_parts(optimizer)
   if stats_ema is not None:
     _form.check_same_form(result, stats_ema, "optimizer.stats_ema")

@@ -1,0 +1,318 @@
+"""The engine under every EMA: one per-leaf update, one transformation.
+
+`ema()`, `multi_ema()`, every preset and `apply_updates_and_average` are this
+module with different rules. A rule maps the update count to a `Step`: whether
+this update averages, and the weight `1 - decay` of the new params (one per
+average). `transformation` builds the optax `GradientTransformation` around a
+rule; `average_leaf` is the arithmetic of one leaf, with an optional leading
+axis of `n` averages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ema_jax import _checks
+from ema_jax import _leaves
+from ema_jax import _memory
+from ema_jax import _rounding
+from ema_jax import _schedules
+from ema_jax._leaves import Kind
+from ema_jax._state import EmaState, MultiEmaState
+
+
+class Step(NamedTuple):
+  """What one update does, from the rule.
+
+  `weight` is `1 - decay`, shape `(n,)` for `n` averages (or `()`); 1 copies
+  the new params. `keep`, when given, is Keras' decay: that preset averages as
+  `keep * e + (1 - keep) * p`, Keras' own float32 arithmetic, bit for bit.
+  """
+
+  active: jax.Array
+  weight: jax.Array
+  keep: jax.Array | None = None
+
+
+Rule = Callable[[jax.Array], Step]
+
+
+def schedule_rule(
+    schedules: Sequence[_schedules.Schedule], start_step: int, update_every: int
+) -> Rule:
+  """Copy for `start_step` updates, then average every `update_every`-th one.
+
+  An update that stands for `update_every` steps uses the product of the
+  schedule's decays over those steps, so the horizon in optimizer steps does
+  not depend on `update_every` (for a constant decay, `decay ** k`; for a power
+  profile, EDM2's `(1 - k / t) ** (gamma + 1)`). The product is taken as
+  `-expm1(sum(log1p(-weight)))`, which keeps its complement exact near 1.
+  """
+  weights = [_schedules.weight_fn(s) for s in schedules]
+
+  def rule(count: jax.Array) -> Step:
+    j = count - start_step
+    copying = j < 0
+    j = jnp.maximum(j, 0)
+    if update_every == 1:
+      w = jnp.stack([jnp.asarray(f(j)) for f in weights])
+      due = jnp.ones((), bool)
+    else:
+      steps = jnp.maximum(j - jnp.arange(update_every - 1, -1, -1, dtype=j.dtype), 0)
+      w = jnp.stack([
+          -jnp.expm1(jnp.sum(jnp.log1p(-jax.vmap(f)(steps)))) for f in weights
+      ])
+      due = (j + 1) % update_every == 0
+    return Step(copying | due, jnp.where(copying, jnp.ones_like(w), w))
+
+  return rule
+
+
+def copy(x: Any, dtype: Any = None) -> jax.Array:
+  # A real copy even under jit: a jitted function that returns its input
+  # unchanged hands back the same buffer, and donating the state would then
+  # delete the params.
+  return jnp.array(x, dtype=dtype, copy=True)
+
+
+def apply_update(p: Any, u: Any) -> jax.Array:
+  """`optax.apply_updates` for one leaf, tolerating None/float0 updates."""
+  if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
+    return jnp.asarray(p)
+  return _materialize(jnp.asarray(p + u).astype(_leaves.leaf_dtype(p)))
+
+
+def _materialize(new_p: jax.Array) -> jax.Array:
+  """Make the EMA read the new params from memory instead of recomputing them.
+
+  In a jitted step with donated params, XLA:CPU otherwise folds `p + u` into the
+  EMA loop for bfloat16 params; as the params loop overwrites `p` in place, it
+  must then copy `p` and materialise `u` first: two params-sized temporaries
+  and ~1.6x the bytes (benchmarks/run.py, tests/test_performance.py). Other
+  backends fuse the two outputs themselves and keep the plain expression.
+  """
+  if not isinstance(new_p, jax.core.Tracer):
+    return new_p
+  return jax.lax.platform_dependent(
+      new_p, cpu=jax.lax.optimization_barrier, default=lambda x: x
+  )
+
+
+def clip_weight(weight: jax.Array) -> jax.Array:
+  """A weight in [0, 1]: a decay out of range (or NaN) cannot push the average
+  outside the range of the params. Above 1 copies; below 0 or NaN keeps."""
+  return jnp.where(weight > 0, jnp.minimum(weight, 1), jnp.zeros_like(weight))
+
+
+def average_leaf(
+    e: jax.Array,
+    p: jax.Array,
+    weight: jax.Array,
+    keep: jax.Array | None = None,
+    key: jax.Array | None = None,
+) -> jax.Array:
+  """One EMA step of leaf `e` towards `p`: `e + weight * (p - e)`.
+
+  The one per-leaf update. `e` may hold `n` averages on a leading axis, with
+  `weight` of shape `(n, 1, ...)`. The arithmetic is in float32 or wider;
+  `weight == 1` gives `p` exactly. With `keep` (the Keras preset) the form is
+  Keras' `keep * e + (1 - keep) * p`. With `key` the result is rounded
+  stochastically into `e`'s dtype (bfloat16).
+  """
+  compute = jnp.promote_types(e.dtype, jnp.float32)
+  ef, pf = e.astype(compute), p.astype(compute)
+  if keep is None:
+    w = weight.astype(compute)
+    mixed = jnp.where(w == 1, pf, ef + w * (pf - ef))
+  else:
+    k = keep.astype(compute)
+    mixed = jnp.where(k == 0, pf, k * ef + (1 - k) * pf)
+  if key is None:
+    return mixed.astype(e.dtype)
+  return _rounding.stochastic_round(mixed, key)
+
+
+def _stack(x: jax.Array, n: int) -> jax.Array:
+  stacked = jnp.broadcast_to(x[None], (n, *jnp.shape(x)))
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, NamedSharding) and not isinstance(x, jax.core.Tracer):
+    # Shard the leading axis nowhere: one average lives where its param does.
+    spec = PartitionSpec(None, *sharding.spec)
+    return jax.device_put(stacked, NamedSharding(sharding.mesh, spec))
+  # Under jit XLA propagates the param's sharding to the trailing axes.
+  return jnp.array(stacked, copy=True)
+
+
+def transformation(
+    rule: Rule,
+    num_averages: int | None,
+    *,
+    debias: bool = False,
+    ema_dtype: Any = None,
+    mask: _leaves.Mask = None,
+    rounding: str = "nearest",
+    key: Any = 0,
+    memory_kind: str | None = None,
+    overwrite_every: int | None = None,
+) -> optax.GradientTransformation:
+  """The EMA transformation of `rule`, for one average or `num_averages`.
+
+  Every option is checked here, when the transformation is built.
+  """
+  debias = _checks.boolean("debias", debias)
+  dtype = _checks.ema_dtype(ema_dtype)
+  rounding = _checks.rounding(rounding, dtype)
+  first_key = _checks.prng_key(key)
+  memory_kind = _checks.memory_kind(memory_kind)
+  if overwrite_every is not None:
+    overwrite_every = _checks.integer("ema_overwrite_frequency", overwrite_every, 1)
+  if num_averages is not None:
+    num_averages = _checks.integer("len(decays)", num_averages, 1)
+  stacked = num_averages is not None
+  n = num_averages or 1
+  state_type = MultiEmaState if stacked else EmaState
+  what = "multi-EMA state" if stacked else "EMA state"
+  weight_shape = (n,) if stacked else ()
+
+  def expected_dtype(p: Any, kind: Kind) -> Any:
+    p_dtype = _leaves.leaf_dtype(p)
+    return _leaves.ema_dtype_for(p_dtype, dtype) if kind is Kind.AVERAGE else p_dtype
+
+  def init_fn(params: optax.Params) -> Any:
+    _checks.memory_kind_available(memory_kind)
+    kinds = _leaves.leaf_kinds(params, mask)
+    leaves, treedef = jax.tree.flatten(params)
+    ema: list[Any] = []
+    for p, kind in zip(leaves, kinds):
+      x = None
+      if kind is not Kind.SKIP:
+        x = copy(p, expected_dtype(p, kind))
+        if stacked and kind is Kind.AVERAGE:
+          x = _stack(x, n)
+      ema.append(_memory.put(x, memory_kind))
+    return state_type(
+        count=jnp.zeros((), jnp.int32),
+        ema=jax.tree.unflatten(treedef, ema),
+        # float64 when x64 is on, so float64 params are debiased exactly.
+        debias_norm=(
+            jnp.zeros(weight_shape, jnp.result_type(float)) if debias else None
+        ),
+        rounding_key=first_key if rounding == "stochastic" else None,
+    )
+
+  def update_fn(
+      updates: optax.Updates, state: Any, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, Any]:
+    _checks.not_swapped(state, "`update`")
+    if not isinstance(state, state_type):
+      raise TypeError(
+          f"This transformation keeps a {state_type.__name__}, but `update` got "
+          f"a {type(state).__name__}. Pass the state its own `init` returned."
+      )
+    if params is None and state.ema is not None:  # None is also an empty tree
+      raise ValueError(
+          "ema_jax needs `params`: call `tx.update(grads, opt_state, params)` "
+          "(the EMA is taken of `params + updates`)."
+      )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    p_leaves = [p for _, p in flat]
+    u_leaves = _leaves.flatten_like(treedef, updates, "updates")
+    e_leaves = _leaves.flatten_like(treedef, state.ema, what)
+    kinds = _leaves.leaf_kinds(params, mask)
+    for (path, p), e, kind in zip(flat, e_leaves, kinds):
+      _leaves.check_stored(
+          path, p, e, kind, what,
+          num_averages=num_averages, dtype=expected_dtype(p, kind),
+      )
+    if rounding == "stochastic" and state.rounding_key is None:
+      raise ValueError(
+          "ema_jax: `rounding='stochastic'` needs the PRNG key that `init` "
+          "puts in the state, but `state.rounding_key` is None. Re-run `init` "
+          "with this transformation."
+      )
+
+    step = rule(state.count)
+    weight = clip_weight(jnp.reshape(step.weight, weight_shape))
+    debias_norm = state.debias_norm
+    if debias_norm is not None:
+      # The debiased average is itself an EMA, with weight w / n, where
+      # n = n_prev + w (1 - n_prev) is the weight a zero-initialised average
+      # has gathered (1 - prod(decays), with no cancellation).
+      norm = debias_norm + weight.astype(debias_norm.dtype) * (1 - debias_norm)
+      weight = jnp.where(norm > 0, weight / norm, jnp.zeros_like(norm))
+      debias_norm = jnp.where(step.active, norm, debias_norm)
+
+    overwrite = None
+    if overwrite_every is not None:
+      overwrite = (state.count + 1) % overwrite_every == 0
+
+    rounding_key, leaf_keys = _rounding.split(state.rounding_key, len(p_leaves))
+    averaged = [i for i, kind in enumerate(kinds) if kind is Kind.AVERAGE]
+    traced = isinstance(step.active, jax.core.Tracer)
+    on_device = "device" if memory_kind else None
+
+    def by_leaf(x: jax.Array | None, p: Any) -> jax.Array | None:
+      # `n` weights broadcast against the leaf's trailing axes.
+      if x is None or not stacked:
+        return x
+      return jnp.reshape(x, (n,) + (1,) * jnp.ndim(p))
+
+    def new_params() -> list[jax.Array]:
+      return [apply_update(p_leaves[i], u_leaves[i]) for i in averaged]
+
+    # Under jit the new params are computed outside the cond, where they are
+    # the value the step's `optax.apply_updates` computes anyway. Computed in
+    # the branch, they kept the old params and the updates alive for it: two
+    # EMA-sized temporaries and a 10x slower step with update_every=2 on CPU
+    # (tests/test_performance.py). Eagerly, a skipped update computes nothing.
+    outside = new_params() if traced else None
+
+    def average(old: list[jax.Array]) -> list[jax.Array]:
+      ps = outside if outside is not None else new_params()
+      return [
+          _memory.put(
+              average_leaf(
+                  _memory.put(e, on_device), p, by_leaf(weight, p),
+                  by_leaf(step.keep, p), leaf_keys[i],
+              ),
+              memory_kind,
+          )
+          for i, e, p in zip(averaged, old, ps)
+      ]
+
+    # A cond, not a select: an update that does not average (update_every > 1)
+    # makes no pass over the params and the average, and moves no offloaded
+    # average to the device and back. Outside jit, a Python `if` keeps the
+    # update op by op (a cond would compile it, fusing the arithmetic).
+    old = [e_leaves[i] for i in averaged]
+    if traced:
+      new_list = jax.lax.cond(step.active, average, list, old)
+    else:
+      new_list = average(old) if bool(step.active) else old
+    new_averages = dict(zip(averaged, new_list))
+    new_ema, new_updates = [], []
+    for i, (p, u, kind) in enumerate(zip(p_leaves, u_leaves, kinds)):
+      e = e_leaves[i]
+      if kind is Kind.AVERAGE:
+        e = new_averages[i]
+        if overwrite is not None and u is not None:
+          e_p = _memory.put(e, on_device).astype(_leaves.leaf_dtype(p))
+          u = jnp.where(overwrite, (e_p - p).astype(u.dtype), u)
+      elif kind is Kind.CARRY:
+        e = _memory.put(copy(apply_update(p, u)), memory_kind)
+      new_ema.append(e)
+      new_updates.append(u)
+
+    return jax.tree.unflatten(treedef, new_updates), state_type(
+        count=optax.safe_increment(state.count),
+        ema=jax.tree.unflatten(treedef, new_ema),
+        debias_norm=debias_norm,
+        rounding_key=rounding_key,
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,223 @@
+"""The one decision of what each leaf is (averaged, carried, not covered), its
+dtype, and the alignment and checks of stored trees against the params, by
+leaf path."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Mask = Union[Any, Callable[[Any], Any], None]
+
+# What a leaf of the params may be: arrays and numbers (optax treats Python
+# scalars as arrays of their default dtype).
+_ARRAY_LIKE = (jax.Array, np.ndarray, np.generic, int, float, complex)
+
+
+class Kind(enum.Enum):
+  AVERAGE = "average"  # floating leaf: the EMA is kept
+  CARRY = "carry"  # integer, boolean or PRNG-key leaf: the latest value is kept
+  SKIP = "skip"  # excluded by `mask`: nothing is kept
+
+
+def path_str(path: Sequence[Any]) -> str:
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
+
+
+def leaf_dtype(x: Any) -> np.dtype:
+  """The dtype of a leaf, Python scalars included (as optax gives them)."""
+  return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
+def is_float(x: Any) -> bool:
+  dtype = leaf_dtype(x)
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    return False
+  return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def ema_dtype_for(param_dtype: Any, ema_dtype: Any) -> np.dtype:
+  """float32 for float16/bfloat16 (and narrower) params unless `ema_dtype` says."""
+  if ema_dtype is not None:
+    return np.dtype(ema_dtype)
+  param_dtype = np.dtype(param_dtype)
+  if jnp.issubdtype(param_dtype, jnp.complexfloating):
+    return param_dtype
+  if jnp.finfo(param_dtype).bits < 32:
+    return np.dtype(jnp.float32)
+  return param_dtype
+
+
+def expand_mask(mask: Mask, params: Any) -> list[bool]:
+  """One Python bool per leaf of `params`; `mask` may be a prefix tree or callable."""
+  n = len(jax.tree.leaves(params))
+  if mask is None:
+    return [True] * n
+  mask_tree = mask(params) if callable(mask) else mask
+  mask_def: Any = jax.tree.structure(mask_tree)
+  try:
+    subtrees = mask_def.flatten_up_to(params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "`mask` must be a tree of bools with the structure of the params (or a "
+        "prefix of it), or a callable returning one; its structure "
+        f"{mask_def} does not match the params': {e}"
+    ) from None
+  flags: list[bool] = []
+  for path_leaf, sub in zip(
+      jax.tree_util.tree_flatten_with_path(mask_tree)[0], subtrees
+  ):
+    path, flag = path_leaf
+    if not isinstance(flag, (bool, np.bool_)):
+      raise TypeError(
+          f"`mask` leaf at {path_str(path)} is {flag!r}; mask leaves must be "
+          "Python bools (a mask is static: it decides which leaves have an EMA)."
+      )
+    flags.extend([bool(flag)] * len(jax.tree.leaves(sub)))
+  return flags
+
+
+def is_uncovered(stored: Any) -> bool:
+  """A stored value that stands for a leaf the EMA does not cover.
+
+  `None` where `mask` excludes a leaf; `optax.MaskedNode` where the EMA runs
+  inside `optax.masked` or `optax.multi_transform` and never sees the leaf.
+  """
+  return stored is None or isinstance(stored, optax.MaskedNode)
+
+
+def stored_kind(stored: Any) -> Kind:
+  """The kind of a leaf, read from what an EMA state stores for it."""
+  if is_uncovered(stored):
+    return Kind.SKIP
+  return Kind.AVERAGE if is_float(stored) else Kind.CARRY
+
+
+def leaf_kind(path: Sequence[Any], leaf: Any, covered: bool) -> Kind:
+  """What the EMA does with one leaf: the only place that decides it."""
+  if not isinstance(leaf, _ARRAY_LIKE) or isinstance(leaf, str):
+    raise TypeError(
+        f"Leaf {path_str(path)} of the params is a {type(leaf).__name__}, not "
+        "an array: an EMA averages arrays only. Pass the arrays of your model "
+        "alone (for Equinox: `eqx.filter(model, eqx.is_array)`; for Flax NNX: "
+        "`nnx.state(model, nnx.Param)`)."
+    )
+  if not covered:
+    return Kind.SKIP
+  return Kind.AVERAGE if is_float(leaf) else Kind.CARRY
+
+
+def leaf_kinds(params: Any, mask: Mask) -> list[Kind]:
+  """The kind of every leaf of `params` under `mask`, in leaf order."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  flags = expand_mask(mask, params)
+  kinds = []
+  for (path, leaf), flag in zip(flat, flags):
+    kind = leaf_kind(path, leaf, True)
+    # `mask` excludes floating leaves only; others are always carried.
+    kinds.append(Kind.SKIP if kind is Kind.AVERAGE and not flag else kind)
+  return kinds
+
+
+def _differences(params: Any, tree: Any, name: str) -> str:
+  """Where two trees differ, as leaf paths (None kept as a leaf)."""
+
+  def paths(x: Any) -> set[str]:
+    flat = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda v: v is None)[0]
+    return {path_str(path) for path, _ in flat}
+
+  only_params = sorted(paths(params) - paths(tree))[:3]
+  only_tree = sorted(paths(tree) - paths(params))[:3]
+  parts = []
+  if only_params:
+    parts.append(f"missing from {name}: {', '.join(only_params)}")
+  if only_tree:
+    parts.append(f"not in params: {', '.join(only_tree)}")
+  return "; ".join(parts)
+
+
+def flatten_like(params_def: Any, tree: Any, what: str) -> list[Any]:
+  """Leaves of `tree` aligned with the leaves of `params_def` (None kept)."""
+  try:
+    return params_def.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    params = jax.tree.unflatten(params_def, [0] * params_def.num_leaves)
+    name = "updates" if what == "updates" else f"the {what}"
+    where = _differences(params, tree, name) or str(e)
+    if what == "updates":
+      message = (
+          "`updates` do not have the structure of `params` "
+          f"({where}). Pass the updates (gradients) for these params."
+      )
+    else:
+      message = (
+          f"`params` do not have the structure of the {what} ({where}). Pass "
+          "the same params tree (same keys, same containers) that was given "
+          "to `init`, or re-run `init` after changing the model."
+      )
+    raise ValueError(message) from None
+
+
+def check_stored(
+    path: Sequence[Any],
+    param: Any,
+    stored: Any,
+    kind: Kind,
+    what: str,
+    *,
+    num_averages: int | None = None,
+    dtype: Any = None,
+) -> None:
+  """One stored leaf against its param, by leaf path: the one mismatch message.
+
+  Args:
+    path: the leaf's path in the params.
+    param: the params' leaf.
+    stored: what the state holds for it.
+    kind: the leaf's kind.
+    what: the stored tree's name in messages.
+    num_averages: for a stacked (multi-EMA) tree, how many averages an
+      averaged leaf must hold on its leading axis.
+    dtype: the dtype the stored leaf must have; `None` checks no dtype.
+  """
+  where = path_str(path)
+  if kind is Kind.SKIP:
+    if not is_uncovered(stored):
+      raise ValueError(
+          f"Leaf {where}: `mask` excludes it but the {what} holds a value "
+          "for it. The mask must be the same at `init` and `update`."
+      )
+    return
+  if is_uncovered(stored):
+    raise ValueError(
+        f"Leaf {where}: the {what} holds nothing for it (it was excluded by "
+        "`mask` at `init`). Use the same mask and params structure at `init` "
+        "and `update`."
+    )
+  shape = tuple(jnp.shape(stored))
+  if num_averages is not None and kind is Kind.AVERAGE:
+    if shape[:1] != (num_averages,):
+      raise ValueError(
+          f"Leaf {where}: the {what} holds "
+          f"{shape[0] if shape else 'no'} stacked averages, but this "
+          f"transformation has {num_averages} decays. Re-run `init` after "
+          "changing `decays`."
+      )
+    shape = shape[1:]
+  if tuple(jnp.shape(param)) != shape:
+    raise ValueError(
+        f"Leaf {where}: params have shape {jnp.shape(param)} but the {what} "
+        f"holds shape {shape}. Pass the params the state was made for, or "
+        "re-run `init` after changing the model."
+    )
+  if dtype is not None and leaf_dtype(stored) != dtype:
+    raise ValueError(
+        f"Leaf {where}: params of dtype {leaf_dtype(param)} need the {what} to "
+        f"hold dtype {dtype}, but it holds {leaf_dtype(stored)}. Re-run `init` "
+        "after changing the params' dtype (or pass `ema_dtype`)."
+    )
