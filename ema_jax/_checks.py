@@ -197,6 +197,13 @@ def prng_key(value: Any) -> jax.Array:
     raise TypeError(f"`key` must be a jax PRNG key or an int seed, got {value!r}.")
   if isinstance(value, (int, np.integer)):
     return jax.random.key(int(value))
+  if (
+      isinstance(value, jax.Array)
+      and not isinstance(value, jax.core.Tracer)
+      and value.shape == ()
+      and jnp.issubdtype(value.dtype, jnp.integer)
+  ):  # an int seed as a concrete array (`optax.inject_hyperparams` makes one)
+    return jax.random.key(int(value))
   if isinstance(value, jax.Array) and jnp.issubdtype(
       value.dtype, jax.dtypes.prng_key
   ):

@@ -124,7 +124,7 @@ def average_leaf(
   Keras' `keep * e + (1 - keep) * p`. With `key` the result is rounded
   stochastically into `e`'s dtype (bfloat16).
   """
-  compute = jnp.promote_types(e.dtype, jnp.float32)
+  compute = _leaves.compute_dtype(e.dtype)
   ef, pf = e.astype(compute), p.astype(compute)
   if keep is None:
     w = weight.astype(compute)

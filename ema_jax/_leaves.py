@@ -53,6 +53,16 @@ def ema_dtype_for(param_dtype: Any, ema_dtype: Any) -> np.dtype:
   return param_dtype
 
 
+def compute_dtype(dtype: Any) -> np.dtype:
+  """The dtype to average in: float32 or wider, never narrower than `dtype`.
+
+  Chosen explicitly: under strict dtype promotion there is no implicit path
+  from bfloat16 or float16 to float32.
+  """
+  dtype = np.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else np.dtype(jnp.float32)
+
+
 def expand_mask(mask: Mask, params: Any) -> list[bool]:
   """One Python bool per leaf of `params`; `mask` may be a prefix tree or callable."""
   n = len(jax.tree.leaves(params))

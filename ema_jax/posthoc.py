@@ -500,7 +500,7 @@ class _Reader:
 def _combine(stacks: list[jax.Array], w: jax.Array) -> list[jax.Array]:
   out = []
   for s in stacks:
-    dtype = jnp.promote_types(s.dtype, jnp.float32)
+    dtype = _leaves.compute_dtype(s.dtype)
     wd = w.astype(dtype)
     total = wd[0] * s[0].astype(dtype)
     for j in range(1, s.shape[0]):

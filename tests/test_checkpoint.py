@@ -103,6 +103,7 @@ def linen_uninterrupted():
   return linen_train(linen_state(0), N_STEPS)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("swapped", [False, True], ids=["raw", "ema-swapped-in"])
 def test_linen_resume_is_bitwise(tmp_path, linen_uninterrupted, swapped):
   state = linen_train(linen_state(0), STOP_AT)
@@ -135,6 +136,7 @@ def test_linen_resume_is_bitwise(tmp_path, linen_uninterrupted, swapped):
   assert not np.array_equal(ema["Dense_0"]["kernel"], resumed.params["Dense_0"]["kernel"])
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_linen_swapped_checkpoint_does_not_restore_as_training_state(tmp_path):
   state = linen_train(linen_state(0), 2)
   swapped = ema_jax.flax.SwapEMAWeights().on_test_begin(state)
@@ -156,6 +158,7 @@ def test_restore_without_checkpoint(tmp_path):
       ema_jax.flax.restore_checkpoint(manager, linen_state(0))
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_linen_export(tmp_path):
   state = linen_train(linen_state(0), 3)
   exported = ema_jax.flax.export_ema(state, directory=tmp_path / "ema")
@@ -223,6 +226,7 @@ def nnx_uninterrupted():
   return nnx.state(model), nnx.state(optimizer)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("swapped", [False, True], ids=["raw", "ema-swapped-in"])
 def test_nnx_resume_is_bitwise(tmp_path, nnx_uninterrupted, swapped):
   model, optimizer = nnx_setup(0)
@@ -254,6 +258,7 @@ def test_nnx_resume_is_bitwise(tmp_path, nnx_uninterrupted, swapped):
   assert int(optimizer.opt_state[2].count[...]) == N_STEPS
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_nnx_export(tmp_path):
   model, optimizer = nnx_setup(0)
   nnx_train(model, optimizer, 0, 3)
@@ -313,6 +318,7 @@ def multi_linen_train(state, batch_stats, steps):
   return state
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("swapped", [False, True], ids=["raw", "average-1-swapped-in"])
 def test_linen_multi_ema_resume_is_bitwise(tmp_path, swapped):
   tx = multi_tx(tmp_path)
@@ -362,6 +368,7 @@ def multi_nnx_setup(seed):
   return model, nnx.Optimizer(model, MULTI_NNX_TX, wrt=nnx.Param)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("swapped", [False, True], ids=["raw", "average-1-swapped-in"])
 def test_nnx_multi_ema_resume_is_bitwise(tmp_path, swapped):
   model, optimizer = multi_nnx_setup(0)

@@ -20,6 +20,9 @@ def public_names():
       obj = getattr(module, name)
       if inspect.ismodule(obj):
         continue
+      if not (inspect.isclass(obj) or inspect.isroutine(obj)):  # a type alias: the package docstring says what it is
+        assert name in (module.__doc__ or ""), f"{module.__name__}.{name}"
+        continue
       yield f"{module.__name__}.{name}", obj
       if inspect.isclass(obj):
         for attr, member in vars(obj).items():

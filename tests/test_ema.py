@@ -494,6 +494,7 @@ def test_jit_and_eager_agree(debias):
         (ema_jax.tf_dynamic_decay(0.999), {"start_step": 2}),
     ],
 )
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_update_does_not_recompile(decay, kwargs):
   # sgd, not adam: optax's adam turns an int leaf's `mu` into a weak float on
   # the first step and retraces by itself.
@@ -521,6 +522,7 @@ def test_update_does_not_recompile(decay, kwargs):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_multisteps_moves_only_on_real_updates():
   k, lr, d = 3, 0.5, 0.8
   tx = optax.MultiSteps(optax.chain(optax.sgd(lr), ema_jax.ema(d)),
@@ -551,6 +553,7 @@ def test_multisteps_moves_only_on_real_updates():
   assert not np.allclose(e_ref, e_every_micro, atol=1e-3)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("jit_init", [False, True])
 def test_init_never_aliases_params_under_donation(jit_init):
   tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.9))
@@ -687,6 +690,7 @@ def test_update_with_other_dtype_names_the_leaf():
       tx.update(params, state, params)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_update_with_swapped_state_fails_eager_jit_and_in_chain():
   tx, params, state = _ema_and_state()
   _, swapped = ema_jax.swap(params, state)
@@ -727,6 +731,7 @@ def _train(tx, steps=8, seed=14):
          ((ema_jax.tf_dynamic_decay(0.99),), {"start_step": 1})),
     ],
 )
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_moving_average_equals_chain(ma_kwargs, ema_args):
   opt = optax.adam(0.1)
   ma_params, ma_state = _train(ema_jax.moving_average(opt, **ma_kwargs))

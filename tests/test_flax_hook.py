@@ -642,6 +642,7 @@ K = 4  # every_k_schedule
 CALLS = 10  # real updates at calls 4 and 8; 9 and 10 only accumulate
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_linen_stats_ema_steps_only_with_the_params_ema(jit):
   ema = ema_jax.ema(0.5)
@@ -670,6 +671,7 @@ def test_linen_stats_ema_steps_only_with_the_params_ema(jit):
   np.testing.assert_array_equal(state.stats_ema.ema["m"], ema_by_hand(history, 0.5)["m"])
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_nnx_stats_ema_steps_only_with_the_params_ema():
   ema = ema_jax.ema(0.5)
   model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), nnx.BatchNorm(2, rngs=nnx.Rngs(0)))

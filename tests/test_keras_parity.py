@@ -150,6 +150,7 @@ def _assert_overwritten(new_params, emas, before, step: int) -> None:
 # The EMA on Keras' own trajectory.
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("optimizer, momentum, frequency", CONFIGS)
 def test_ema_is_bitwise_keras_on_its_trajectory(optimizer, momentum, frequency):
   run = _keras_run(optimizer, momentum, frequency)
@@ -169,6 +170,7 @@ def test_ema_is_bitwise_keras_on_its_trajectory(optimizer, momentum, frequency):
       _assert_bitwise(new_params, run.params[t - 1], "params", t)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("optimizer, momentum, frequency", CONFIGS)
 def test_ema_matches_keras_trajectory_jitted(optimizer, momentum, frequency):
   # The usual call: params before the step and the step as updates.
@@ -277,6 +279,7 @@ END_TO_END = [
 ]
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("kind, momentum, frequency", END_TO_END)
 def test_end_to_end_matches_keras(kind, momentum, frequency, jit):
@@ -308,6 +311,7 @@ def test_end_to_end_is_bitwise_keras_eagerly(kind, momentum):
     _assert_bitwise(ema, run.emas[t - 1], "EMA", t)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_optax_adam_differs_from_keras_adam_only_by_epsilon():
   # The looser tolerance above is due to epsilon alone: with a negligible
   # epsilon the two Adams agree to float32 rounding.

@@ -46,6 +46,7 @@ def _run(tx, steps):
 DECAYS = [0.9, ema_jax.warmup_decay(0.99), ema_jax.power_decay(sigma_rel=0.1)]
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("start_step,update_every", [(0, 1), (2, 3)])
 def test_each_average_is_bitwise_the_single_ema(start_step, update_every):
   multi = ema_jax.multi_ema(
@@ -139,6 +140,7 @@ def _bits(tree):
   ]
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_swap_twice_is_bit_exact_and_swapped_state_refuses_update():
   tx = ema_jax.multi_ema(
       [0.5, 0.9, 0.99], mask=lambda p: {"w": True, "b": False, "n": True}

@@ -200,6 +200,7 @@ def step_memory(tx, params):
   }
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_compiled_step_keeps_ema_in_host_memory_without_collectives():
   mesh = make_mesh()
   params = make_params(mesh)
@@ -221,6 +222,7 @@ def test_compiled_step_keeps_ema_in_host_memory_without_collectives():
   assert arg_host == per_device_nbytes(ema, floats_only=True)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_offload_removes_the_ema_from_device_memory(name):
   mesh = make_mesh()
@@ -243,6 +245,7 @@ def test_offload_removes_the_ema_from_device_memory(name):
     assert m["collectives"] == {}
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
 def test_swap_and_ema_params_bring_the_ema_to_device(axis_type):
   mesh = make_mesh(axis_type)
@@ -277,6 +280,7 @@ def test_swap_and_ema_params_bring_the_ema_to_device(axis_type):
   assert_placed(ema_weights, params, HOST)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_swapped_eval_step_with_offloaded_ema():
   mesh = make_mesh()
   params = make_params(mesh)
@@ -302,6 +306,7 @@ def test_swapped_eval_step_with_offloaded_ema():
   assert_placed(ema_jax.ema_params(state_back), params, HOST)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_update_every_does_its_work_only_on_averaging_steps():
   mesh = make_mesh()
   params = make_params(mesh)
@@ -331,6 +336,7 @@ def test_update_every_does_its_work_only_on_averaging_steps():
   assert_bitwise_equal(ema_jax.ema_params(host_state), ema_jax.ema_params(dev_state))
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_orbax_round_trip_keeps_host_placement_and_key(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   mesh = make_mesh()

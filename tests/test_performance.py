@@ -70,6 +70,7 @@ def _memory(path: str, opt_name: str, leaves: int, dtype: Any, **ema_kwargs: Any
   return compiled.memory_analysis(), state
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("path", ["chain", "fused"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -90,6 +91,7 @@ def test_donated_step_has_no_ema_sized_temporary(path, opt_name, dtype, leaves):
     "kwargs", [{"update_every": 2}, {"debias": True}, {"start_step": 3}],
     ids=["update_every", "debias", "start_step"],
 )
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_options_add_no_ema_sized_temporary(opt_name, dtype, kwargs):
   # update_every averages under a lax.cond: the branch must read the step's new
   # params, not keep the old params and the updates alive for itself.
@@ -99,6 +101,7 @@ def test_options_add_no_ema_sized_temporary(opt_name, dtype, kwargs):
   assert mem.alias_size_in_bytes >= N * jnp.dtype(dtype).itemsize + state_bytes - 64, mem
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_memory_check_sees_the_closure_trap():
   # A control: gradients captured by a closure become constants, and XLA then
   # plans an EMA-sized temporary. The check above would catch it.
@@ -121,6 +124,7 @@ def test_memory_check_sees_the_closure_trap():
   assert mem.temp_size_in_bytes >= N * 4
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU behaviour")
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_cpu_barrier_is_what_removes_the_bf16_temporaries(monkeypatch, opt_name):
@@ -160,6 +164,7 @@ def _grads(params: Any, seed: int) -> Any:
   )
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])

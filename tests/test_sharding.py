@@ -113,6 +113,7 @@ def make_step(tx):
   return step
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_sharded_like_params_and_no_collectives(axis_type, name):
