@@ -166,7 +166,7 @@ def rounding(value: Any, dtype: np.dtype | None) -> str:
   return value
 
 
-def memory_kind(value: Any, name: str = "memory_kind") -> str | None:
+def memory_kind(value: Any, name: str = "memory_kind") -> Any:
   """`None`, 'device' or 'pinned_host'."""
   if value is None:
     return None

@@ -277,7 +277,7 @@ def transformation(
       return [
           _memory.put(
               average_leaf(
-                  _memory.put(e, on_device), p, by_leaf(weight, p),
+                  _memory.put(e, on_device), p, by_leaf(weight, p),  # type: ignore[arg-type]
                   by_leaf(step.keep, p), leaf_keys[i],
               ),
               memory_kind,

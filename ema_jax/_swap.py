@@ -188,13 +188,13 @@ def swap(
   if swapped:
     if index is not None:
       i = _index(found, index)
-      recorded = found.index  # type: ignore[union-attr]
+      recorded: Any = getattr(found, "index")
       if not isinstance(recorded, jax.core.Tracer) and i != int(recorded):
         raise ValueError(
             f"`index={index}` but average {int(recorded)} is swapped in; "
             "swap back with `index=None` (the state records which)."
         )
-    held = _leaves.flatten_like(treedef, found.raw_params, what)
+    held = _leaves.flatten_like(treedef, getattr(found, "raw_params"), what)
   else:
     i = _index(found, index)
 

@@ -12,6 +12,7 @@ from flax import nnx
 from ema_jax.flax import _form
 from ema_jax.flax import _hook
 from ema_jax.flax import _linen
+from ema_jax.flax import _target
 
 
 def _restore_either(manager: Any, step: int, raw: Any, ema_in: Any) -> tuple[Any, bool]:
@@ -31,22 +32,6 @@ def _restore_either(manager: Any, step: int, raw: Any, ema_in: Any) -> tuple[Any
 
 def _nnx_item(model: nnx.Module, optimizer: Any) -> dict[str, Any]:
   return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-
-
-def _check_nnx(target: Any, optimizer: Any) -> bool:
-  if _linen.is_train_state(target):
-    if optimizer is not None:
-      raise TypeError(
-          "With a Linen `TrainState` pass the state alone; `optimizer` is for NNX."
-      )
-    return False
-  if isinstance(target, nnx.Module):
-    _hook._check_nnx_args(target, optimizer)
-    return True
-  raise TypeError(
-      "Expected a `flax.training.train_state.TrainState` or an `nnx.Module` "
-      f"(with its `nnx.Optimizer`), got {type(target).__name__}."
-  )
 
 
 def save_checkpoint(
@@ -92,7 +77,7 @@ def save_checkpoint(
   """
   import orbax.checkpoint as ocp
 
-  if _check_nnx(target, optimizer):
+  if _target.is_nnx(target, optimizer):
     item = _nnx_item(target, optimizer)
   else:
     item = target
@@ -157,8 +142,8 @@ def restore_checkpoint(
           f"No checkpoint in {manager.directory}; nothing to restore."
       )
 
-  if not _check_nnx(target, optimizer):
-    raw = _hook._set(target, None, which, ema_in=False)
+  if not _target.is_nnx(target, optimizer):
+    raw = _target.set_form(target, None, which, ema_in=False)
     index = _form.template_index(raw.opt_state, which)
     restored, was_swapped = _restore_either(
         manager, step, raw, _linen.toggle(raw, which, index)
@@ -167,17 +152,17 @@ def restore_checkpoint(
     return _linen.toggle(restored, which) if was_swapped else restored
 
   model = target
-  _hook._set(model, optimizer, which, ema_in=False)
+  _target.set_form(model, optimizer, which, ema_in=False)
   index = _form.template_index(nnx.as_pure(optimizer.opt_state), which)
   raw_item = _nnx_item(model, optimizer)
   with _hook.ema_weights(model, optimizer, which=which, index=index):
     ema_item = _nnx_item(model, optimizer)
   restored, was_swapped = _restore_either(manager, step, raw_item, ema_item)
   if was_swapped:  # take the swapped structure, fill it, then swap back
-    _hook._set(model, optimizer, which, ema_in=True, index=index)
+    _target.set_form(model, optimizer, which, ema_in=True, index=index)
   nnx.update(model, restored["model"])
   nnx.update(optimizer, restored["optimizer"])
-  _hook._set(model, optimizer, which, ema_in=False)
+  _target.set_form(model, optimizer, which, ema_in=False)
   return None
 
 
@@ -225,13 +210,13 @@ def export_ema(
     >>> ema_jax.flax.export_ema(state)
     {'params': {'w': Array([1.], dtype=float32)}}
   """
-  if _check_nnx(target, optimizer):
+  if _target.is_nnx(target, optimizer):
     with _hook.ema_weights(target, optimizer, which=which, index=index):
       graphdef, state = nnx.split(target)
       exported = nnx.merge(graphdef, _copy(state))
     item: Any = nnx.state(exported)
   else:
-    ema_in = _hook._set(target, None, which, ema_in=True, index=index)
+    ema_in = _target.set_form(target, None, which, ema_in=True, index=index)
     exported = {"params": _copy(ema_in.params)}
     if getattr(ema_in, "batch_stats", None) is not None:
       exported["batch_stats"] = _copy(ema_in.batch_stats)

@@ -8,58 +8,7 @@ from typing import Any, Iterator
 from flax import nnx
 
 import ema_jax
-from ema_jax.flax import _form
-from ema_jax.flax import _linen
-from ema_jax.flax import _nnx
-
-
-def _check_linen_args(optimizer: Any) -> None:
-  if optimizer is not None:
-    raise TypeError(
-        "With a Linen `TrainState` pass the state alone: its `opt_state` holds "
-        "the EMA (and `ema_jax.flax.TrainState.stats_ema` the statistics' one)."
-    )
-
-
-def _check_nnx_args(target: Any, optimizer: Any) -> None:
-  if optimizer is None:
-    raise TypeError(
-        "With an NNX model pass its optimizer too: "
-        "`hook.on_test_begin(model, optimizer)`; the EMA lives in "
-        "`optimizer.opt_state`."
-    )
-
-
-def _unchanged(target: Any) -> Any:
-  return target if _linen.is_train_state(target) else None
-
-
-def _set(
-    target: Any,
-    optimizer: Any,
-    which: int | None,
-    ema_in: bool,
-    index: int | None = None,
-) -> Any:
-  """Put the EMA (`ema_in=True`) or the raw weights in; nothing if already there.
-
-  `index` picks the average of a multi-EMA state to swap in (swapping back
-  needs none: the swapped state records it).
-  """
-  if _linen.is_train_state(target):
-    _check_linen_args(optimizer)
-    if _linen.swapped(target, which) == ema_in:
-      return target
-    return _linen.toggle(target, which, index)
-  if isinstance(target, nnx.Module):
-    _check_nnx_args(target, optimizer)
-    if _nnx.swapped(optimizer, which) != ema_in:
-      _nnx.toggle(target, optimizer, which, index)
-    return None
-  raise TypeError(
-      "Expected a `flax.training.train_state.TrainState` or an `nnx.Module` "
-      f"(with its `nnx.Optimizer`), got {type(target).__name__}."
-  )
+from ema_jax.flax import _target
 
 
 def is_swapped(target: Any, *, which: int | None = None) -> bool:
@@ -87,11 +36,7 @@ def is_swapped(target: Any, *, which: int | None = None) -> bool:
     >>> ema_jax.flax.is_swapped(ema_jax.flax.SwapEMAWeights().on_test_begin(state))
     True
   """
-  if _linen.is_train_state(target):
-    return _linen.swapped(target, which)
-  if isinstance(target, nnx.Optimizer):
-    return _nnx.swapped(target, which)
-  return ema_jax.is_swapped(target, which=which)
+  return _target.swapped(target, which)
 
 
 class SwapEMAWeights:
@@ -202,8 +147,8 @@ class SwapEMAWeights:
     Array([0.], dtype=float32)
     """
     if not self.swap_on_epoch:
-      return _unchanged(target)
-    return _set(target, optimizer, self.which, ema_in=False, index=self.index)
+      return _target.unchanged(target)
+    return _target.set_form(target, optimizer, self.which, ema_in=False, index=self.index)
 
   def on_epoch_end(self, target: Any, optimizer: Any = None) -> Any:
     """With `swap_on_epoch=True`, leave the EMA weights in the model.
@@ -222,8 +167,8 @@ class SwapEMAWeights:
     Array([0.], dtype=float32)
     """
     if not self.swap_on_epoch:
-      return _unchanged(target)
-    return _set(target, optimizer, self.which, ema_in=True, index=self.index)
+      return _target.unchanged(target)
+    return _target.set_form(target, optimizer, self.which, ema_in=True, index=self.index)
 
   def on_test_begin(self, target: Any, optimizer: Any = None) -> Any:
     """Put the EMA weights in for evaluation (no-op if they are in).
@@ -238,7 +183,7 @@ class SwapEMAWeights:
     >>> hook.on_test_begin(hook.on_test_begin(state)).params["w"]  # twice: still the EMA
     Array([1.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=True, index=self.index)
+    return _target.set_form(target, optimizer, self.which, ema_in=True, index=self.index)
 
   def on_test_end(self, target: Any, optimizer: Any = None) -> Any:
     """Put the raw weights back after evaluation (no-op if they are in).
@@ -255,7 +200,7 @@ class SwapEMAWeights:
     >>> hook.on_test_end(state).params["w"]  # nothing to restore: unchanged
     Array([0.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=False, index=self.index)
+    return _target.set_form(target, optimizer, self.which, ema_in=False, index=self.index)
 
   def on_predict_begin(self, target: Any, optimizer: Any = None) -> Any:
     """Put the EMA weights in for prediction (no-op if they are in).
@@ -269,7 +214,7 @@ class SwapEMAWeights:
     >>> ema_jax.flax.SwapEMAWeights().on_predict_begin(state).params["w"]
     Array([1.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=True, index=self.index)
+    return _target.set_form(target, optimizer, self.which, ema_in=True, index=self.index)
 
   def on_predict_end(self, target: Any, optimizer: Any = None) -> Any:
     """Put the raw weights back after prediction (Keras forgets to).
@@ -284,7 +229,7 @@ class SwapEMAWeights:
     >>> hook.on_predict_end(hook.on_predict_begin(state)).params["w"]
     Array([0.], dtype=float32)
     """
-    return _set(target, optimizer, self.which, ema_in=False, index=self.index)
+    return _target.set_form(target, optimizer, self.which, ema_in=False, index=self.index)
 
   def __repr__(self) -> str:
     return (
@@ -332,19 +277,13 @@ def ema_weights(
     >>> model.bias[...]
     Array([-1.], dtype=float32)
   """
-  if _linen.is_train_state(target):
-    yield _set(target, optimizer, which, ema_in=True, index=index)
+  if not _target.is_nnx(target, optimizer):
+    yield _target.set_form(target, optimizer, which, ema_in=True, index=index)
     return
-  if not isinstance(target, nnx.Module):
-    raise TypeError(
-        "`ema_weights` expects an `nnx.Module` and its `nnx.Optimizer`, or a "
-        f"Linen `TrainState`; got {type(target).__name__}."
-    )
-  _check_nnx_args(target, optimizer)
-  entered_swapped = _nnx.swapped(optimizer, which)
-  _set(target, optimizer, which, ema_in=True, index=index)
+  entered_swapped = _target.swapped(optimizer, which)
+  _target.set_form(target, optimizer, which, ema_in=True, index=index)
   try:
     yield target
   finally:
     if not entered_swapped:
-      _set(target, optimizer, which, ema_in=False)
+      _target.set_form(target, optimizer, which, ema_in=False)
