@@ -128,18 +128,9 @@ def ema(
     >>> params["w"], ema_jax.ema_params(opt_state)["w"]
     (Array([0.9, 1.9], dtype=float32), Array([0.99, 1.99], dtype=float32))
   """
-  return _build(
-      [decay],
-      stacked=False,
-      start_step=start_step,
-      update_every=update_every,
-      debias=debias,
-      ema_dtype=ema_dtype,
-      mask=mask,
-      rounding=rounding,
-      key=key,
-      memory_kind=memory_kind,
-  )
+  storage = dict(debias=debias, ema_dtype=ema_dtype, mask=mask,
+                 rounding=rounding, key=key, memory_kind=memory_kind)
+  return _build([decay], False, start_step, update_every, storage)
 
 
 def multi_ema(
@@ -207,27 +198,17 @@ def multi_ema(
     )
   if not decays:
     raise ValueError("`decays` is empty; give at least one decay.")
-  return _build(
-      decays,
-      stacked=True,
-      start_step=start_step,
-      update_every=update_every,
-      debias=debias,
-      ema_dtype=ema_dtype,
-      mask=mask,
-      rounding=rounding,
-      key=key,
-      memory_kind=memory_kind,
-  )
+  storage = dict(debias=debias, ema_dtype=ema_dtype, mask=mask,
+                 rounding=rounding, key=key, memory_kind=memory_kind)
+  return _build(decays, True, start_step, update_every, storage)
 
 
 def _build(
     decays: Sequence[Decay],
-    *,
     stacked: bool,
-    start_step: int,
-    update_every: int,
-    **storage: Any,
+    start_step: Any,
+    update_every: Any,
+    storage: dict[str, Any],
 ) -> optax.GradientTransformation:
   """`ema` (one decay, not stacked) and `multi_ema` share this one body."""
   names = [f"decays[{i}]" if stacked else "decay" for i in range(len(decays))]
