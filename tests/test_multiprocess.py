@@ -93,6 +93,7 @@ def run_workers(out: pathlib.Path, checkpoint_dir: pathlib.Path) -> None:
   assert codes == [0] * NUM_PROCESSES, "\n".join(report)
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.multiprocess
 def test_two_processes_match_a_single_process_reference(tmp_path):
   out = tmp_path / "out"

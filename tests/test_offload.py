@@ -107,6 +107,7 @@ TRANSFORMS = {
 }
 
 
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_ema_stays_in_host_memory_and_equals_the_device_ema(axis_type, name):
