@@ -53,6 +53,7 @@ def schedule_rule(
   profile, EDM2's `(1 - k / t) ** (gamma + 1)`). The product is taken as
   `-expm1(sum(log1p(-weight)))`, which keeps its complement exact near 1.
   """
+  dtype = jnp.result_type(float)  # one dtype for every average's weight
   weights = [_schedules.weight_fn(s) for s in schedules]
 
   def rule(count: jax.Array) -> Step:
@@ -60,12 +61,13 @@ def schedule_rule(
     copying = j < 0
     j = jnp.maximum(j, 0)
     if update_every == 1:
-      w = jnp.stack([jnp.asarray(f(j)) for f in weights])
+      w = jnp.stack([jnp.asarray(f(j), dtype) for f in weights])
       due = jnp.ones((), bool)
     else:
       steps = jnp.maximum(j - jnp.arange(update_every - 1, -1, -1, dtype=j.dtype), 0)
       w = jnp.stack([
-          -jnp.expm1(jnp.sum(jnp.log1p(-jax.vmap(f)(steps)))) for f in weights
+          -jnp.expm1(jnp.sum(jnp.log1p(-jax.vmap(f)(steps).astype(dtype))))
+          for f in weights
       ])
       due = (j + 1) % update_every == 0
     return Step(copying | due, jnp.where(copying, jnp.ones_like(w), w))
@@ -243,7 +245,8 @@ def transformation(
       # The debiased average is itself an EMA, with weight w / n, where
       # n = n_prev + w (1 - n_prev) is the weight a zero-initialised average
       # has gathered (1 - prod(decays), with no cancellation).
-      norm = debias_norm + weight.astype(debias_norm.dtype) * (1 - debias_norm)
+      weight = weight.astype(debias_norm.dtype)
+      norm = debias_norm + weight * (1 - debias_norm)
       weight = jnp.where(norm > 0, weight / norm, jnp.zeros_like(norm))
       debias_norm = jnp.where(step.active, norm, debias_norm)
 
@@ -256,11 +259,9 @@ def transformation(
     traced = isinstance(step.active, jax.core.Tracer)
     on_device = "device" if memory_kind else None
 
-    def by_leaf(x: jax.Array | None, p: Any) -> jax.Array | None:
+    def by_leaf(x: jax.Array, p: Any) -> jax.Array:
       # `n` weights broadcast against the leaf's trailing axes.
-      if x is None or not stacked:
-        return x
-      return jnp.reshape(x, (n,) + (1,) * jnp.ndim(p))
+      return jnp.reshape(x, (n,) + (1,) * jnp.ndim(p)) if stacked else x
 
     def new_params() -> list[jax.Array]:
       return [apply_update(p_leaves[i], u_leaves[i]) for i in averaged]
@@ -277,8 +278,9 @@ def transformation(
       return [
           _memory.put(
               average_leaf(
-                  _memory.put(e, on_device), p, by_leaf(weight, p),  # type: ignore[arg-type]
-                  by_leaf(step.keep, p), leaf_keys[i],
+                  _memory.put(e, on_device), p, by_leaf(weight, p),
+                  None if step.keep is None else by_leaf(step.keep, p),
+                  leaf_keys[i],
               ),
               memory_kind,
           )

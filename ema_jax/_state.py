@@ -189,9 +189,7 @@ def find(state: Any, which: int | None) -> tuple[int, AnyEmaState]:
     )
   if which is None:
     if len(found) > 1:
-      places = ", ".join(
-          jax.tree_util.keystr(tuple(path)) or "<root>" for path, _ in found
-      )
+      places = ", ".join(_leaves.path_str(path) for path, _ in found)
       raise ValueError(
           f"`state` holds {len(found)} EMA states (at {places}); pass "
           "`which=i` to pick the i-th, counting from 0 in that order."

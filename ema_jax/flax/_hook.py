@@ -5,9 +5,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from flax import nnx
-
-import ema_jax
 from ema_jax.flax import _target
 
 
