@@ -104,8 +104,11 @@ def keras(
     ema_momentum: Keras' `ema_momentum`, in [0, 1].
     ema_overwrite_frequency: Keras' `ema_overwrite_frequency`, an int >= 1 or
       None.
-    ema_dtype, mask, rounding, key, memory_kind: how and where the average
-      is stored, as in `ema_jax.ema`.
+    ema_dtype: the average's dtype, as in `ema_jax.ema`.
+    mask: which floating leaves to average, as in `ema_jax.ema`.
+    rounding: `'nearest'` or `'stochastic'`, as in `ema_jax.ema`.
+    key: the stochastic rounding's key or seed, as in `ema_jax.ema`.
+    memory_kind: where the average lives, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
@@ -165,8 +168,11 @@ def tfa(
     num_updates: TFA's `num_updates`: when given, an int `n` that caps
       `average_decay` at `(1 + n) / (10 + n)` once, when the transformation is
       built (TFA reads it once, at construction).
-    ema_dtype, mask, rounding, key, memory_kind: how and where the average
-      is stored, as in `ema_jax.ema`.
+    ema_dtype: the average's dtype, as in `ema_jax.ema`.
+    mask: which floating leaves to average, as in `ema_jax.ema`.
+    rounding: `'nearest'` or `'stochastic'`, as in `ema_jax.ema`.
+    key: the stochastic rounding's key or seed, as in `ema_jax.ema`.
+    memory_kind: where the average lives, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain (or use
@@ -233,8 +239,11 @@ def timm(
     warmup_gamma: timm's `warmup_gamma`.
     warmup_power: timm's `warmup_power`.
     update_after_step: timm's `update_after_step`.
-    ema_dtype, mask, rounding, key, memory_kind: how and where the average
-      is stored, as in `ema_jax.ema`.
+    ema_dtype: the average's dtype, as in `ema_jax.ema`.
+    mask: which floating leaves to average, as in `ema_jax.ema`.
+    rounding: `'nearest'` or `'stochastic'`, as in `ema_jax.ema`.
+    key: the stochastic rounding's key or seed, as in `ema_jax.ema`.
+    memory_kind: where the average lives, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
@@ -293,8 +302,11 @@ def diffusers(
     use_ema_warmup: diffusers' `use_ema_warmup`.
     inv_gamma: diffusers' `inv_gamma`.
     power: diffusers' `power`.
-    ema_dtype, mask, rounding, key, memory_kind: how and where the average
-      is stored, as in `ema_jax.ema`.
+    ema_dtype: the average's dtype, as in `ema_jax.ema`.
+    mask: which floating leaves to average, as in `ema_jax.ema`.
+    rounding: `'nearest'` or `'stochastic'`, as in `ema_jax.ema`.
+    key: the stochastic rounding's key or seed, as in `ema_jax.ema`.
+    memory_kind: where the average lives, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
@@ -356,8 +368,11 @@ def ema_pytorch(
     inv_gamma: ema-pytorch's `inv_gamma`.
     power: ema-pytorch's `power`.
     min_value: ema-pytorch's `min_value`.
-    ema_dtype, mask, rounding, key, memory_kind: how and where the average
-      is stored, as in `ema_jax.ema`.
+    ema_dtype: the average's dtype, as in `ema_jax.ema`.
+    mask: which floating leaves to average, as in `ema_jax.ema`.
+    rounding: `'nearest'` or `'stochastic'`, as in `ema_jax.ema`.
+    key: the stochastic rounding's key or seed, as in `ema_jax.ema`.
+    memory_kind: where the average lives, as in `ema_jax.ema`.
 
   Returns:
     An `optax.GradientTransformation` to put last in a chain.
