@@ -9,25 +9,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ema_jax.flax import _form
 from ema_jax.flax import _hook
 from ema_jax.flax import _linen
+from ema_jax.flax import _nnx
+from ema_jax.flax import _restore
 from ema_jax.flax import _target
 
 
-def _restore_either(manager: Any, step: int, raw: Any, ema_in: Any) -> tuple[Any, bool]:
-  """Restore into the raw-form template, else the swapped one; say which fit."""
-  import orbax.checkpoint as ocp
-
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(raw)), False
-  except ValueError as raw_error:
-    # The forms differ in one key (`ema` / `raw_params`), so at most one
-    # template fits; if neither does, Orbax's message for the raw form says why.
-    try:
-      return manager.restore(step, args=ocp.args.StandardRestore(ema_in)), True
-    except ValueError:
-      raise raw_error from None
+def _fill(values: dict[str, Any], fresh: dict[str, Any]) -> None:
+  # Only the leaves the checkpoint did not have: the new EMA states.
+  for name, value in fresh.items():
+    values.setdefault(name, value)
 
 
 def _nnx_item(model: nnx.Module, optimizer: Any) -> dict[str, Any]:
@@ -91,33 +83,51 @@ def restore_checkpoint(
     *,
     step: int | None = None,
     which: int | None = None,
+    missing_ema: _restore.MissingEma = "error",
 ) -> Any:
-  """Restore a training state, always with the raw (training) weights in the model.
+  """Restore a training state, checked by name, with the raw weights in the model.
 
-  A checkpoint written while the EMA was swapped in has `raw_params` where an
-  unswapped one has `ema`, so restoring it with plain Orbax into a training
-  template fails on the tree mismatch instead of loading the EMA as training
-  weights. This helper restores it in whichever form it was written in (the
-  template in the other form does not fit) and swaps back when needed, so a resumed run continues
-  from the raw weights with the EMA, its step counter and its decay schedule
-  exactly where they were. (Had some other route loaded a swapped state, the
-  first training step would fail: `update` refuses a `SwappedEmaState`.)
-  A `multi_ema` state (e.g. `ema_jax.posthoc.Snapshotter(...).ema()`) works
-  the same, whichever of its averages was swapped in when it was saved.
+  The checkpoint's leaves (names, shapes, dtypes, read from its metadata) are
+  compared with the template's before any array is read. A difference is
+  refused with a `ValueError` naming the EMA setting (`debias`, `ema_dtype`,
+  `rounding`, the number of averages, the mask) or the leaf, and the fix;
+  nothing is ever cast, dropped or filled in silently.
+
+  A checkpoint written while the EMA was swapped in
+  (`SwapEMAWeights(swap_on_epoch=True)`) holds the EMA in the params and the
+  raw weights in the state's `raw_params`: the model is restored from
+  `raw_params`, so a resumed run continues from its training weights with the
+  EMA, its step counter and its decay schedule exactly where they were,
+  whichever form (and, for a `multi_ema` state, whichever average) it was
+  saved in.
+
+  Enabling the EMA mid-run: a checkpoint written without any EMA state (the
+  optimizer was `inner`), restored into a template whose optimizer is
+  `optax.chain(inner, <EMA>)`, is refused unless `missing_ema="init"`; then
+  the params, the step and the inner optimizer state come back exactly and
+  every EMA state (the statistics' one too) starts as a copy of the restored
+  values, with count 0.
 
   Args:
-    manager: the `orbax.checkpoint.CheckpointManager` it was saved with.
-    target: a Linen `TrainState` to use as the template (concrete or from
-      `jax.eval_shape`; in either form), or an NNX model to restore in place.
+    manager: the `orbax.checkpoint.CheckpointManager` it was saved with
+      (by `save_checkpoint`).
+    target: a Linen `TrainState` to use as the template (concrete in either
+      form, or abstract in the raw form: `jax.eval_shape` of the function
+      building it), or an NNX model to restore in place (concrete, or from
+      `nnx.eval_shape`).
     optimizer: with NNX, its `nnx.Optimizer` (restored in place).
     step: the step to restore; the latest by default.
-    which: with several EMA states, which one the hook swaps.
+    which: with several EMA states, which one the hook swaps (only used to
+      swap a concrete swapped template back first).
+    missing_ema: `"error"` (the default) refuses a checkpoint without the
+      template's EMA states; `"init"` starts them from the restored params.
 
   Returns:
     The restored `TrainState` (Linen), or `None` (NNX, restored in place).
 
   Raises:
     FileNotFoundError: no checkpoint in `manager`.
+    ValueError: the checkpoint does not fit the template.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax, ema_jax.flax
@@ -134,6 +144,18 @@ def restore_checkpoint(
     >>> restored = ema_jax.flax.restore_checkpoint(manager, state)
     >>> restored.params["w"], ema_jax.ema_params(restored.opt_state)["w"]  # raw back
     (Array([0.], dtype=float32), Array([1.], dtype=float32))
+
+    Turning the EMA on when resuming a run that had none:
+
+    >>> plain = TrainState.create(apply_fn=None, params={"w": jnp.array([3.0])},
+    ...                           tx=optax.sgd(1.0))
+    >>> manager = ocp.CheckpointManager(tempfile.mkdtemp())
+    >>> ema_jax.flax.save_checkpoint(manager, 0, plain)
+    True
+    >>> manager.wait_until_finished()
+    >>> restored = ema_jax.flax.restore_checkpoint(manager, state, missing_ema="init")
+    >>> restored.params["w"], restored.opt_state[1].count, restored.opt_state[1].ema["w"]
+    (Array([3.], dtype=float32), Array(0, dtype=int32), Array([3.], dtype=float32))
   """
   if step is None:
     step = manager.latest_step()
@@ -141,28 +163,48 @@ def restore_checkpoint(
       raise FileNotFoundError(
           f"No checkpoint in {manager.directory}; nothing to restore."
       )
+  where = f"The checkpoint at step {step} in {manager.directory}"
+  saved_tree = _restore.saved_tree(manager, step)
+  saved = _restore.saved_specs(saved_tree)
 
-  if not _target.is_nnx(target, optimizer):
-    raw = _target.set_form(target, None, which, ema_in=False)
-    index = _form.template_index(raw.opt_state, which)
-    restored, was_swapped = _restore_either(
-        manager, step, raw, _linen.toggle(raw, which, index)
-    )
-    # Swapping back reads the index of the average out from the checkpoint.
-    return _linen.toggle(restored, which) if was_swapped else restored
+  nnx_target = _target.is_nnx(target, optimizer)
+  if nnx_target:
+    _target.set_form(target, optimizer, which, ema_in=False)
+    item: Any = _nnx_item(target, optimizer)
+    layout = _nnx.layout(optimizer)
+  else:
+    item = _target.set_form(target, None, which, ema_in=False)
+    layout = _linen.layout(item)
+  template = _restore.named_leaves(item)
+  found = [a for prefix, root, tree in layout
+           for a in _restore.averages(tree, prefix, root)]
+  opt_prefix, _, opt_state = layout[0]
+  suffix = ".value" if nnx_target else ""
+  opt_names = jax.tree.unflatten(
+      jax.tree.structure(opt_state),
+      list(_restore.named_leaves(opt_state, opt_prefix, suffix)),
+  )
+  source = _restore.plan(
+      saved, template, found,
+      _restore.without_ema(opt_names, opt_prefix, suffix),
+      missing_ema, where,
+  )
+  values = _restore.read(manager, step, saved_tree, template, source)
+  treedef = jax.tree.structure(item)
 
-  model = target
-  _target.set_form(model, optimizer, which, ema_in=False)
-  index = _form.template_index(nnx.as_pure(optimizer.opt_state), which)
-  raw_item = _nnx_item(model, optimizer)
-  with _hook.ema_weights(model, optimizer, which=which, index=index):
-    ema_item = _nnx_item(model, optimizer)
-  restored, was_swapped = _restore_either(manager, step, raw_item, ema_item)
-  if was_swapped:  # take the swapped structure, fill it, then swap back
-    _target.set_form(model, optimizer, which, ema_in=True, index=index)
-  nnx.update(model, restored["model"])
+  def rebuilt() -> Any:
+    return jax.tree.unflatten(treedef, [values.get(n, template[n]) for n in template])
+
+  if not nnx_target:
+    if len(values) < len(template):  # missing_ema="init": EMA from the params
+      _fill(values, _linen.fresh_ema(rebuilt()))
+    return rebuilt()
+  if len(values) < len(template):
+    nnx.update(target, rebuilt()["model"])
+    _fill(values, _nnx.fresh_ema(target, optimizer))
+  restored = rebuilt()
+  nnx.update(target, restored["model"])
   nnx.update(optimizer, restored["optimizer"])
-  _target.set_form(model, optimizer, which, ema_in=False)
   return None
 
 

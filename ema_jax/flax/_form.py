@@ -7,18 +7,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from ema_jax import _state
 from ema_jax._state import EmaState, SwappedEmaState
-
-
-def template_index(opt_state: Any, which: int | None) -> int | None:
-  """An `index` that swaps the EMA state `which` (0 for a multi-EMA, else None).
-
-  The swapped form's tree structure is the same whichever average is out (the
-  index is a leaf), so 0 serves as a template for any swapped checkpoint.
-  """
-  _, found = _state.find(opt_state, which)
-  return 0 if isinstance(found, _state.MultiEmaState) else None
 
 
 def step_if_advanced(

@@ -12,6 +12,7 @@ from flax.training import train_state
 import ema_jax
 from ema_jax import _state
 from ema_jax.flax import _form
+from ema_jax.flax._restore import named_leaves
 
 # Flax's marker for params that are overwritten by their "gradient" (fp8
 # scales): they have no optimizer state, so no EMA either.
@@ -215,3 +216,22 @@ def toggle(state: Any, which: int | None, index: int | None = None) -> Any:
         state.batch_stats, stats_ema
     )
   return state.replace(**changes)
+
+
+def layout(state: Any) -> list[tuple[str, str, Any]]:
+  """(leaf name, averaged tree's leaf name, state) of what may hold EMA states;
+  the optimizer state first."""
+  parts = [("opt_state", "params", state.opt_state)]
+  if getattr(state, "stats_ema", None) is not None:
+    parts.append(("stats_ema", "batch_stats", state.stats_ema))
+  return parts
+
+
+def fresh_ema(state: Any) -> dict[str, Any]:
+  """A new optimizer (and statistics') state for the state's params, by leaf
+  name: its EMA states start as a copy of them, count 0."""
+  fresh = named_leaves(state.tx.init(state.params), "opt_state")
+  stats_tx = getattr(state, "stats_tx", None)
+  if stats_tx is not None:
+    fresh.update(named_leaves(stats_tx.init(state.batch_stats), "stats_ema"))
+  return fresh

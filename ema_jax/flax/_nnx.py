@@ -12,6 +12,7 @@ from flax.nnx.training.optimizer import to_opt_state
 import ema_jax
 from ema_jax import _state
 from ema_jax.flax import _form
+from ema_jax.flax._restore import named_leaves
 
 
 def _is_variable(x: Any) -> bool:
@@ -248,3 +249,31 @@ def toggle(
   if stats_ema is not None:
     optimizer.stats_ema = nnx.data(_rebuilt(stats_ema, new_stats))
     nnx.update(model, stats_values)
+
+
+def layout(optimizer: Any) -> list[tuple[str, str, Any]]:
+  """(leaf name, averaged tree's leaf name, state) of what may hold EMA states
+  in `{"model": ..., "optimizer": ...}`; the optimizer state first."""
+  parts = [("optimizer.opt_state", "model", nnx.as_pure(optimizer.opt_state))]
+  stats_ema, _ = _stats_parts(optimizer)
+  if stats_ema is not None:
+    parts.append(("optimizer.stats_ema", "model", nnx.as_pure(stats_ema)))
+  return parts
+
+
+def fresh_ema(model: nnx.Module, optimizer: Any) -> dict[str, Any]:
+  """A new optimizer (and statistics') state for the model's current values,
+  by leaf name: its EMA states start as a copy of them, count 0."""
+  def pure(wrt: Any) -> Any:
+    return nnx.as_pure(nnx.state(model, wrt, **_graph_kw(optimizer)))
+
+  fresh = named_leaves(
+      optimizer.tx.init(pure(optimizer.wrt)), "optimizer.opt_state", ".value"
+  )
+  stats_tx = getattr(optimizer, "stats_tx", None)
+  if stats_tx is not None:
+    _, stats_wrt = _stats_parts(optimizer)
+    fresh.update(named_leaves(
+        stats_tx.init(pure(stats_wrt)), "optimizer.stats_ema", ".value"
+    ))
+  return fresh
