@@ -204,7 +204,8 @@ def transformation(
         debias_norm=(
             jnp.zeros(weight_shape, jnp.result_type(float)) if debias else None
         ),
-        rounding_key=first_key if rounding == "stochastic" else None,
+        # A buffer of this state's own: donating the state deletes it.
+        rounding_key=copy(first_key) if rounding == "stochastic" else None,
     )
 
   def update_fn(

@@ -301,3 +301,22 @@ def test_long_trajectory_tracks_float32_ema_while_nearest_rounding_stalls():
   assert abs(bias) < 1e-3, bias  # an eighth of an ulp
   stochastic_motion = np.mean(np.abs(stochastic[-1] - stochastic[half]))
   assert abs(stochastic_motion - motion) < 0.05 * motion
+
+
+@pytest.mark.parametrize("key", [7, "typed"], ids=["int-seed", "typed-key"])
+def test_each_init_gets_its_own_key_buffer(key):
+  # Donating one state (a `donate_argnums` step) deletes its buffers: the key
+  # must not be shared with the transformation, the next `init` or the caller.
+  key = jax.random.key(7) if key == "typed" else key
+  tx = ema_jax.ema(0.9, ema_dtype=jnp.bfloat16, rounding="stochastic", key=key)
+  params = {"w": jnp.ones(3)}
+  first = tx.init(params)
+  step = jax.jit(lambda s: tx.update(params, s, params)[1], donate_argnums=0)
+  step(first)
+  assert first.rounding_key.is_deleted()
+  second = tx.init(params)  # a new state, not the deleted key
+  assert not second.rounding_key.is_deleted()
+  assert jnp.array_equal(jax.random.key_data(second.rounding_key),
+                         jax.random.key_data(jax.random.key(7)))
+  if not isinstance(key, int):
+    assert not key.is_deleted()  # the caller's key is the caller's

@@ -302,8 +302,13 @@ def saved_tree(manager: Any, step: int) -> Any:
 
 def saved_specs(metadata_tree: Any) -> dict[str, Any]:
   """Leaf name -> (shape, dtype) from Orbax's metadata tree."""
+  import orbax.checkpoint as ocp
+
+  # A Python scalar (a `TrainState.step`) is saved as one, int64 or float64
+  # whatever it becomes in the template: its dtype is not checked.
   return {
-      name: (tuple(m.shape), _dtype(m.dtype))
+      name: (tuple(m.shape), None if isinstance(m, ocp.metadata.ScalarMetadata)
+             else _dtype(m.dtype))
       for name, m in named_leaves(metadata_tree).items()
   }
 
