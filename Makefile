@@ -1,36 +1,46 @@
-# Every target creates its own virtual environment; only Python 3.10+ and PyPI are needed.
+# Every target creates the virtual environment it needs; only Python 3.10+ and PyPI are needed.
+#   make demo   .venv-demo: ema_jax[demo] only (Flax, Orbax, scikit-learn, matplotlib, tqdm)
+#   make test   .venv: ema_jax[dev] (tests, Keras for parity, benchmarks, docs tooling)
 PYTHON ?= python3
 VENV ?= .venv
+DEMO_VENV ?= .venv-demo
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 .PHONY: test demo docs bench bench-smoke typecheck clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+# $(call install,DIR,EXTRAS): a virtual environment in DIR with ema_jax[EXTRAS], editable.
+define install
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet -e '.[$(2)]'
+	touch $(1)/.installed
+endef
 
-test: $(STAMP)
+$(VENV)/.installed: pyproject.toml
+	$(call install,$(VENV),dev)
+
+$(DEMO_VENV)/.installed: pyproject.toml
+	$(call install,$(DEMO_VENV),demo)
+
+test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d site
 
-typecheck: $(STAMP)
+typecheck: $(VENV)/.installed
 	$(BIN)/python -m mypy
 
-demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+demo: $(DEMO_VENV)/.installed
+	$(DEMO_VENV)/bin/python examples/demo.py
 
-docs: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[docs]'
+docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
-bench: $(STAMP)
+bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py
 
-bench-smoke: $(STAMP)
+bench-smoke: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py --smoke
 
 clean:
-	rm -rf $(VENV) build dist site *.egg-info
+	rm -rf $(VENV) $(DEMO_VENV) build dist site *.egg-info
