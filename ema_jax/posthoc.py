@@ -295,6 +295,8 @@ class Snapshotter:
     )
     # all_steps() lists finished snapshots only; this also has those under way.
     self._saved = set(self._manager.all_steps())
+    # Snapshots of an earlier run: the first one this run redoes is compared.
+    self._unchecked = set(self._saved)
     self._settings = {
         "gammas": list(self.gammas),
         "every": self.every,
@@ -445,19 +447,7 @@ class Snapshotter:
              f"{step - step % self.update_every} (`update_every="
              f"{self.update_every}`).")
       )
-    if step > 0 and step % self.update_every == 0:
-      self._last = (step, state)
-    if step in self._saved:
-      return None
-    latest = max(self._saved, default=0)
-    if step < latest:
-      raise ValueError(
-          f"Cannot snapshot step {step}: the latest snapshot in "
-          f"{self.directory!r} is of step {latest}, and Orbax writes only "
-          "steps after the latest. Resume training from a checkpoint (the "
-          "snapshots of the steps it redoes are kept), or give a run that "
-          "starts again a new directory."
-      )
+    self._last = (step, state)
     meta = {
         "format": _FORMAT,
         "step": step,
@@ -476,6 +466,19 @@ class Snapshotter:
             f"Cannot snapshot step {step}: {found}. A directory holds the "
             "snapshots of one model: give this one a new directory."
         )
+    if step in self._saved:
+      if step in self._unchecked:
+        self._check_redone(state, step)
+      return None
+    latest = max(self._saved, default=0)
+    if step < latest:
+      raise ValueError(
+          f"Cannot snapshot step {step}: the latest snapshot in "
+          f"{self.directory!r} is of step {latest}, and Orbax writes only "
+          "steps after the latest. Resume training from a checkpoint (the "
+          "snapshots of the steps it redoes are kept), or give a run that "
+          "starts again a new directory."
+      )
     ocp = _orbax()
     tree = jax.tree.map(
         lambda e: _as_saved(e, self.dtype), state.ema,
@@ -497,6 +500,46 @@ class Snapshotter:
     self._saved.add(step)
     self._latest = meta
     return step
+
+  def _check_redone(self, state: _state.MultiEmaState, step: int) -> None:
+    """The EMAs of a step that an earlier run snapshotted must be that snapshot.
+
+    A run resumed from a checkpoint redoes the steps after it and finds the
+    same EMAs (up to nondeterministic reductions); a run that starts again
+    from step 1 with other data or seeds finds others, and its snapshots
+    would be mixed with the earlier run's.
+    """
+    self._unchecked.clear()  # once a run: it reads a snapshot back
+    ocp = _orbax()
+    target = jax.tree.map(
+        lambda e: jax.ShapeDtypeStruct(
+            e.shape,
+            self.dtype if _leaves.is_float(e) else _leaves.leaf_dtype(e),
+            sharding=e.sharding,
+        ),
+        state.ema,
+    )
+    saved = self._manager.restore(
+        step, args=ocp.args.Composite(ema=ocp.args.StandardRestore({"ema": target}))
+    ).ema["ema"]
+    tolerance = max(1e-3, 10 * float(jnp.finfo(self.dtype).eps))
+    flat = jax.tree_util.tree_flatten_with_path(state.ema)[0]
+    for (path, e), disk in zip(flat, jax.tree.leaves(saved)):
+      if not _leaves.is_float(e):
+        continue
+      dtype = _leaves.compute_dtype(e.dtype)
+      a, b = e.astype(dtype), disk.astype(dtype)
+      ratio = jnp.sqrt(jnp.mean(jnp.abs(a - b) ** 2) / jnp.mean(jnp.abs(b) ** 2))
+      # A replicated scalar: this process's copy (others' are not addressable).
+      gap = float(ratio.addressable_data(0))
+      if not gap <= tolerance:
+        raise ValueError(
+            f"The snapshot of step {step} in {self.directory!r} is not this "
+            f"run's EMA at step {step} (leaf {_leaves.path_str(path)} differs "
+            f"by {gap:.3g}, relative RMS): the directory holds the snapshots "
+            "of another run. A run that starts again needs a new directory; "
+            "a run resumed from a checkpoint redoes the snapshots it finds."
+        )
 
   def wait_until_finished(self) -> None:
     """Block until every snapshot started is on disk.

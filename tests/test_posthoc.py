@@ -514,21 +514,34 @@ def test_snapshotter_refuses_a_directory_of_another_model(tmp_path):
   assert posthoc.Snapshotter(tmp_path, every=10).steps == (10, 20)
 
 
-def test_a_restart_below_the_latest_snapshot_is_refused_not_lost(tmp_path):
-  _ramp(tmp_path, 200, every=100)
-  snapshotter = posthoc.Snapshotter(tmp_path, every=100)
+def _restart(directory, steps, offset, **kwargs):
+  """A run from step 1 into `directory`: params `offset + t`; its Snapshotter, open."""
+  snapshotter = posthoc.Snapshotter(directory, **kwargs)
   tx = snapshotter.ema()
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)
-  for t in range(1, 151):  # a restart from step 1 into the old directory
-    _, state = tx.update(params, state, params)
-    saved = snapshotter.maybe_save(state)
-    assert not saved  # step 100 is on disk already: kept, not reported
+  for t in range(1, steps + 1):
+    _, state = tx.update(params, state, {"w": jnp.full(3, offset + t, jnp.float32)})
+    assert not snapshotter.maybe_save(state)  # below the latest: never reported
+  return snapshotter, state
+
+
+def test_a_restart_below_the_latest_snapshot_is_refused_not_lost(tmp_path):
+  _ramp(tmp_path, 200, every=100)
+  # The same run again (as when resumed from an early checkpoint): step 100
+  # is on disk and matches; step 150 cannot be written after step 200.
+  snapshotter, state = _restart(tmp_path, 150, 0.0, every=100)
   with pytest.raises(ValueError, match=r"step 150.*latest snapshot.*200"):
     snapshotter.save(state)
   with pytest.raises(ValueError, match=r"step 150.*latest snapshot.*200"):
     snapshotter.close()  # nor the tail: it would be below step 200
   assert posthoc.Snapshotter(tmp_path, every=100).steps == (100, 200)
+
+
+def test_a_restart_of_another_run_into_the_directory_is_refused(tmp_path):
+  _ramp(tmp_path, 200, every=100)
+  with pytest.raises(ValueError, match=r"step 100.*not this run's EMA.*\['w'\]"):
+    _restart(tmp_path, 100, 0.5, every=100)
 
 
 def test_duplicate_widths_fail_when_built(tmp_path):
