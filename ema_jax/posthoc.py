@@ -396,11 +396,13 @@ class Snapshotter:
     """
     if step is None:
       step = int(self._tracked(opt_state).count)
-    if step > 0 and step % self.update_every == 0:
-      self._last = (step, self._tracked(opt_state))
-    if step <= 0 or step % self.every:
+    if step <= 0 or step % self.update_every:
       return False
-    return self._save(opt_state, step) is not None
+    state = self._tracked(opt_state)
+    self._last = (step, state)
+    if step % self.every:
+      return False
+    return self._save(state, step) is not None
 
   def save(self, opt_state: Any) -> int | None:
     """Save a snapshot now, whatever the step.
@@ -428,10 +430,11 @@ class Snapshotter:
       (1, None)
       >>> snapshotter.close()
     """
-    return self._save(opt_state, None)
+    return self._save(self._tracked(opt_state), None)
 
-  def _save(self, opt_state: Any, expected: int | None) -> int | None:
-    state = self._tracked(opt_state)
+  def _save(
+      self, state: _state.MultiEmaState, expected: int | None
+  ) -> int | None:
     step = int(state.count)
     if expected is not None and expected != step:
       raise ValueError(

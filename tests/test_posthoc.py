@@ -630,3 +630,19 @@ def test_close_refuses_a_donated_last_state_and_skips_the_tail_on_errors(tmp_pat
   assert snapshotter.steps == (4,)
   with pytest.raises(TypeError, match="`save_on_close` must be True or False"):
     posthoc.Snapshotter(tmp_path, every=10, save_on_close="no")
+
+
+def test_close_snapshots_the_tail_of_the_tracker_picked_by_which(tmp_path):
+  snapshotter = posthoc.Snapshotter(tmp_path, every=10, which=1)
+  tx = optax.chain(ema_jax.ema(0.9), snapshotter.ema())
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  for t in range(1, 4):
+    _, state = tx.update(params, state, params + t)
+    assert not snapshotter.maybe_save(state)
+  snapshotter.close()
+  assert snapshotter.steps == (3,)
+  np.testing.assert_array_equal(
+      posthoc.synthesize(tmp_path, sigma_rel=0.05),
+      ema_jax.ema_params(state, which=1, index=0),
+  )
