@@ -229,9 +229,9 @@ class Snapshotter:
       checkpointing).
     save_on_close: whether `close()` snapshots the last step seen (see
       above). `False` keeps the snapshots at multiples of `every` only. The
-      Snapshotter holds a reference (no copy) to the last EMA state it was
-      given; if that state is donated before `close()`, `close()` raises:
-      call `save(opt_state)` yourself before closing instead.
+      Snapshotter holds a reference (no copy) to the last optimizer state it
+      was given; if that state is donated before `close()`, `close()`
+      raises: call `save(opt_state)` yourself before closing instead.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax
@@ -317,8 +317,9 @@ class Snapshotter:
             f"{found}. A directory holds the snapshots of one run: pass the "
             "settings it was written with, or give this run a new directory."
         )
-    # The last state given at a step where the EMAs were updated, for close().
-    self._last: tuple[int, _state.MultiEmaState] | None = None
+    # The last optimizer state given at a step where the EMAs were updated,
+    # for close().
+    self._last: tuple[int, Any] | None = None
 
   @property
   def sigma_rels(self) -> tuple[float, ...]:
@@ -398,11 +399,11 @@ class Snapshotter:
       step = int(self._tracked(opt_state).count)
     if step <= 0 or step % self.update_every:
       return False
-    state = self._tracked(opt_state)
-    self._last = (step, state)
+    # Not looked into (that walks the whole state): close() does it once.
+    self._last = (step, opt_state)
     if step % self.every:
       return False
-    return self._save(state, step) is not None
+    return self._save(opt_state, step) is not None
 
   def save(self, opt_state: Any) -> int | None:
     """Save a snapshot now, whatever the step.
@@ -430,11 +431,10 @@ class Snapshotter:
       (1, None)
       >>> snapshotter.close()
     """
-    return self._save(self._tracked(opt_state), None)
+    return self._save(opt_state, None)
 
-  def _save(
-      self, state: _state.MultiEmaState, expected: int | None
-  ) -> int | None:
+  def _save(self, opt_state: Any, expected: int | None) -> int | None:
+    state = self._tracked(opt_state)
     step = int(state.count)
     if expected is not None and expected != step:
       raise ValueError(
@@ -450,7 +450,7 @@ class Snapshotter:
              f"{step - step % self.update_every} (`update_every="
              f"{self.update_every}`).")
       )
-    self._last = (step, state)
+    self._last = (step, opt_state)
     meta = {
         "format": _FORMAT,
         "step": step,
@@ -587,10 +587,10 @@ class Snapshotter:
   def _close(self, tail: bool) -> None:
     try:
       if tail and self._last is not None and self._last[0] not in self._saved:
-        step, state = self._last
+        step, opt_state = self._last
         if any(
             isinstance(x, jax.Array) and x.is_deleted()
-            for x in jax.tree.leaves(state)
+            for x in jax.tree.leaves(self._tracked(opt_state))
         ):
           raise ValueError(
               f"`close()` cannot snapshot the last step seen ({step}): its EMA "
@@ -598,7 +598,7 @@ class Snapshotter:
               "with the final state before `close()`, or build the Snapshotter "
               "with `save_on_close=False`."
           )
-        self._save(state, step)
+        self._save(opt_state, step)
     finally:
       self._last = None
       self._manager.wait_until_finished()

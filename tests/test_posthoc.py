@@ -646,3 +646,21 @@ def test_close_snapshots_the_tail_of_the_tracker_picked_by_which(tmp_path):
       posthoc.synthesize(tmp_path, sigma_rel=0.05),
       ema_jax.ema_params(state, which=1, index=0),
   )
+
+
+def test_maybe_save_between_snapshots_does_not_walk_the_state(tmp_path, monkeypatch):
+  snapshotter = posthoc.Snapshotter(tmp_path, every=10)
+  tx = snapshotter.ema()
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  calls = []
+  tracked = posthoc.Snapshotter._tracked
+  monkeypatch.setattr(
+      posthoc.Snapshotter, "_tracked", lambda self, s: calls.append(1) or tracked(self, s)
+  )
+  for t in range(1, 10):  # the step is given: nothing to read from the state
+    _, state = tx.update(params, state, params)
+    assert not snapshotter.maybe_save(state, step=t)
+  assert calls == []
+  snapshotter.close()  # looks once, for the tail (and checks the step)
+  assert calls and snapshotter.steps == (9,)
