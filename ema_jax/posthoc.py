@@ -210,9 +210,10 @@ class Snapshotter:
       `update_every` and widths (otherwise a `ValueError` says which setting
       differs) and of the same tree (checked at the first save). A step that
       already has a snapshot is not written again, so a run resumed from a
-      checkpoint can use the same directory; a step below the latest one on
-      disk that has none cannot be written (Orbax writes steps in order) and
-      raises.
+      checkpoint can use the same directory (the first such step of a run is
+      compared with the snapshot on disk: another run's raises); a step below
+      the latest one on disk that has none cannot be written (Orbax writes
+      steps in order) and raises. See docs/posthoc.md.
     every: save every `every` optimizer updates; a multiple of
       `update_every`. More snapshots let a synthesized EMA follow the
       wanted profile more closely (and take more disk).
@@ -306,17 +307,20 @@ class Snapshotter:
     self._latest: dict[str, Any] | None = None
     if self._saved:
       step = max(self._saved)
-      self._latest = _read_meta(ocp, self._manager, self.directory, step)
-      found = _difference(
-          self._settings, self._latest, "this Snapshotter",
-          f"the snapshots in {self.directory!r} (step {step})", _SETTINGS,
-      )
-      if found:
-        self._manager.close()
-        raise ValueError(
-            f"{found}. A directory holds the snapshots of one run: pass the "
-            "settings it was written with, or give this run a new directory."
+      try:
+        self._latest = _read_meta(ocp, self._manager, self.directory, step)
+        found = _difference(
+            self._settings, self._latest, "this Snapshotter",
+            f"the snapshots in {self.directory!r} (step {step})", _SETTINGS,
         )
+        if found:
+          raise ValueError(
+              f"{found}. A directory holds the snapshots of one run: pass the "
+              "settings it was written with, or give this run a new directory."
+          )
+      except Exception:
+        self._manager.close()
+        raise
     # The last optimizer state given at a step where the EMAs were updated,
     # for close().
     self._last: tuple[int, Any] | None = None
@@ -532,7 +536,9 @@ class Snapshotter:
         continue
       dtype = _leaves.compute_dtype(e.dtype)
       a, b = e.astype(dtype), disk.astype(dtype)
-      ratio = jnp.sqrt(jnp.mean(jnp.abs(a - b) ** 2) / jnp.mean(jnp.abs(b) ** 2))
+      # An all-zero leaf matches zeros (not 0 / 0).
+      norm = jnp.maximum(jnp.mean(jnp.abs(b) ** 2), jnp.finfo(dtype).tiny)
+      ratio = jnp.sqrt(jnp.mean(jnp.abs(a - b) ** 2) / norm)
       # A replicated scalar: this process's copy (others' are not addressable).
       gap = float(ratio.addressable_data(0))
       if not gap <= tolerance:
@@ -821,8 +827,11 @@ def synthesize(
     leaves `None`.
 
   Raises:
-    ValueError: for a `step` without snapshot, a bad width, or `like` with
-      another number of leaves.
+    ValueError: for a `step` without snapshot, a bad width, snapshots that
+      do not belong together (their trees or widths differ: the message
+      names the leaf path or setting), a width other than the tracked one
+      from a single snapshot of a single width, or `like` with other leaf
+      paths or shapes than the snapshots.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax

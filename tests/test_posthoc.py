@@ -664,3 +664,15 @@ def test_maybe_save_between_snapshots_does_not_walk_the_state(tmp_path, monkeypa
   assert calls == []
   snapshotter.close()  # looks once, for the tail (and checks the step)
   assert calls and snapshotter.steps == (9,)
+
+
+def test_a_redone_step_of_all_zero_averages_matches(tmp_path):
+  params = jnp.zeros(3)
+  for _ in range(2):  # the same run twice: its step 2 is redone
+    with posthoc.Snapshotter(tmp_path, every=2) as snapshotter:
+      tx = snapshotter.ema()
+      state = tx.init(params)
+      for t in range(1, 3):
+        _, state = tx.update(params, state, params)
+        snapshotter.maybe_save(state, step=t)
+  assert snapshotter.steps == (2,)
