@@ -231,3 +231,53 @@ def check_stored(
         f"hold dtype {dtype}, but it holds {leaf_dtype(stored)}. Re-run `init` "
         "after changing the params' dtype (or pass `ema_dtype`)."
     )
+
+
+def describe(tree: Any, *, stacked: bool) -> list[list[Any]]:
+  """`[path, kind, shape, dtype]` of every leaf of a stored tree, JSON-ready.
+
+  The record by which stored trees are compared (and written next to them):
+  leaves excluded by `mask` (`None`) are kept, with no shape or dtype. With
+  `stacked`, averaged leaves hold the averages on a leading axis, which is
+  left out of the shape.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+  out: list[list[Any]] = []
+  for path, leaf in flat:
+    kind = stored_kind(leaf)
+    if kind is Kind.SKIP:
+      out.append([path_str(path), kind.value, None, None])
+      continue
+    shape = list(jnp.shape(leaf))
+    if stacked and kind is Kind.AVERAGE:
+      shape = shape[1:]
+    out.append([path_str(path), kind.value, shape, str(leaf_dtype(leaf))])
+  return out
+
+
+def first_difference(
+    a: list[list[Any]], b: list[list[Any]], a_name: str, b_name: str,
+    *, fields: Sequence[str] = ("kind", "shape", "dtype"),
+) -> str | None:
+  """The first leaf path at which two `describe` records differ, in words."""
+  rows = [{row[0]: row for row in record} for record in (a, b)]
+  for record, other, here, there in (
+      (a, rows[1], a_name, b_name), (b, rows[0], b_name, a_name)
+  ):
+    for row in record:
+      if row[0] not in other:
+        return f"leaf {row[0]} is in {here} but not in {there}"
+  if [row[0] for row in a] != [row[0] for row in b]:
+    return f"the leaves are in another order in {a_name} than in {b_name}"
+  index = {"kind": 1, "shape": 2, "dtype": 3}
+  for row in a:
+    match = rows[1][row[0]]
+    for field in fields:
+      mine, theirs = row[index[field]], match[index[field]]
+      if mine != theirs:
+        show = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        return (
+            f"leaf {row[0]} has {field} {show(mine)} in {a_name} but "
+            f"{show(theirs)} in {b_name}"
+        )
+  return None

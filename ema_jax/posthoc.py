@@ -37,7 +37,9 @@ from ema_jax._leaves import Mask
 
 __all__ = ["Snapshotter", "SweepResult", "solve_weights", "sweep", "synthesize"]
 
-_FORMAT = "ema_jax.posthoc/1"
+_FORMAT = "ema_jax.posthoc/2"
+# What a directory's snapshots must share with a Snapshotter writing there.
+_SETTINGS = ("gammas", "every", "update_every")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -47,15 +49,63 @@ def _gammas(
   if sigma_rels is not None and gammas is not None:
     raise ValueError("Give `sigma_rels` or `gammas`, not both.")
   if gammas is None:
-    values = (0.05, 0.10) if sigma_rels is None else sigma_rels
+    name, values = "sigma_rels", tuple((0.05, 0.10) if sigma_rels is None else sigma_rels)
     out = tuple(_schedules.sigma_rel_to_gamma(s) for s in values)
   else:
-    out = tuple(float(g) for g in gammas)
+    name, values = "gammas", tuple(float(g) for g in gammas)
+    out = values
     for g in out:
       _schedules.gamma_to_sigma_rel(g)  # raises for gamma <= -1
   if not out:
     raise ValueError("Track at least one power-function EMA (two are usual).")
+  for i, g in enumerate(out):
+    if g in out[:i]:
+      raise ValueError(
+          f"`{name}` holds {values[i]} twice: two EMAs of one width add "
+          "nothing, and make the synthesis' least squares singular. Give "
+          "distinct widths, e.g. `sigma_rels=(0.05, 0.10)`."
+      )
   return out
+
+
+def _shown(meta: dict[str, Any], key: str) -> str:
+  if key == "gammas":
+    return str(tuple(
+        round(_schedules.gamma_to_sigma_rel(g), 6) for g in meta["gammas"]
+    ))
+  return str(meta[key])
+
+
+def _difference(
+    a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str,
+    keys: Sequence[str],
+) -> str | None:
+  """The first setting or leaf path at which two snapshot records differ."""
+  for key in keys:
+    if key == "tree":
+      found = _leaves.first_difference(a["tree"], b["tree"], a_name, b_name)
+      if found:
+        return found
+    elif a[key] != b[key]:
+      name = "sigma_rels" if key == "gammas" else key
+      return (
+          f"`{name}` is {_shown(a, key)} in {a_name} but {_shown(b, key)} in "
+          f"{b_name}"
+      )
+  return None
+
+
+def _read_meta(ocp: Any, manager: Any, directory: str, step: int) -> dict[str, Any]:
+  restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  meta = dict(restored.meta)
+  if meta.get("format") != _FORMAT:
+    raise ValueError(
+        f"{directory}/{step} is not an {_FORMAT} snapshot (format "
+        f"{meta.get('format')!r}); snapshots of another ema_jax version "
+        "record no tree to check them by. Write them again, or read them "
+        "with the version that wrote them."
+    )
+  return meta
 
 
 def _gamma(sigma_rel: float | None, gamma: float | None) -> float:
@@ -142,15 +192,28 @@ class Snapshotter:
   every `k` updates. `maybe_save(opt_state)` after each step writes a snapshot
   of all the tracked EMAs at steps `every, 2 * every, ...`, in `dtype`. Each
   snapshot is an Orbax checkpoint (`directory/<step>`) holding the stacked
-  averages, sharded as in training, and a JSON record of the step and the
-  exponents, so `synthesize` needs nothing else. Saving is asynchronous by
-  default; call `wait_until_finished()` or `close()` (or use `with`) before
-  reading the snapshots from another process.
+  averages, sharded as in training, and a JSON record of the step, the
+  exponents, `every`, `update_every` and the tree (each leaf's path, shape
+  and dtype), so `synthesize` needs nothing else and refuses snapshots that
+  do not belong together. Saving is asynchronous by default; call
+  `wait_until_finished()` or `close()` (or use `with`) before reading the
+  snapshots from another process.
+
+  `close()` also snapshots the last step given to `maybe_save` (or `save`)
+  if it has no snapshot yet, so that a synthesis at the end of training
+  covers the steps after the last multiple of `every`; with
+  `update_every > 1`, the last step at which the EMAs were updated.
 
   Args:
     directory: where the snapshots go (created if missing). Snapshots already
-      there are kept; a step that already has one is not written again, so a
-      resumed run can use the same directory.
+      there are kept, and must have been written with the same `every`,
+      `update_every` and widths (otherwise a `ValueError` says which setting
+      differs) and of the same tree (checked at the first save). A step that
+      already has a snapshot is not written again, so a run resumed from a
+      checkpoint can use the same directory (the first such step of a run is
+      compared with the snapshot on disk: another run's raises); a step below
+      the latest one on disk that has none cannot be written (Orbax writes
+      steps in order) and raises. See docs/posthoc.md.
     every: save every `every` optimizer updates; a multiple of
       `update_every`. More snapshots let a synthesized EMA follow the
       wanted profile more closely (and take more disk).
@@ -165,6 +228,11 @@ class Snapshotter:
       tracker (as in `ema_jax.ema_params`).
     async_save: write in a background thread (Orbax's asynchronous
       checkpointing).
+    save_on_close: whether `close()` snapshots the last step seen (see
+      above). `False` keeps the snapshots at multiples of `every` only. The
+      Snapshotter holds a reference (no copy) to the last optimizer state it
+      was given; if that state is donated before `close()`, `close()`
+      raises: call `save(opt_state)` yourself before closing instead.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax
@@ -197,6 +265,7 @@ class Snapshotter:
       dtype: Any = jnp.float32,
       which: int | None = None,
       async_save: bool = True,
+      save_on_close: bool = True,
   ):
     self.gammas = _gammas(sigma_rels, gammas)
     self.update_every = _checks.integer("update_every", update_every, 1)
@@ -214,6 +283,7 @@ class Snapshotter:
     if not jnp.issubdtype(self.dtype, jnp.floating):
       raise ValueError(f"`dtype` must be a floating dtype, got {self.dtype}.")
     self.which = which
+    self.save_on_close = _checks.boolean("save_on_close", save_on_close)
     self.directory = os.fspath(directory)
     ocp = _orbax()
     self._manager = ocp.CheckpointManager(
@@ -221,11 +291,39 @@ class Snapshotter:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None,
             create=True,
-            enable_async_checkpointing=bool(async_save),
+            enable_async_checkpointing=_checks.boolean("async_save", async_save),
         ),
     )
     # all_steps() lists finished snapshots only; this also has those under way.
     self._saved = set(self._manager.all_steps())
+    # Snapshots of an earlier run: the first one this run redoes is compared.
+    self._unchecked = set(self._saved)
+    self._settings = {
+        "gammas": list(self.gammas),
+        "every": self.every,
+        "update_every": self.update_every,
+    }
+    # The record of the latest snapshot: later ones must match its tree.
+    self._latest: dict[str, Any] | None = None
+    if self._saved:
+      step = max(self._saved)
+      try:
+        self._latest = _read_meta(ocp, self._manager, self.directory, step)
+        found = _difference(
+            self._settings, self._latest, "this Snapshotter",
+            f"the snapshots in {self.directory!r} (step {step})", _SETTINGS,
+        )
+        if found:
+          raise ValueError(
+              f"{found}. A directory holds the snapshots of one run: pass the "
+              "settings it was written with, or give this run a new directory."
+          )
+      except Exception:
+        self._manager.close()
+        raise
+    # The last optimizer state given at a step where the EMAs were updated,
+    # for close().
+    self._last: tuple[int, Any] | None = None
 
   @property
   def sigma_rels(self) -> tuple[float, ...]:
@@ -303,7 +401,11 @@ class Snapshotter:
     """
     if step is None:
       step = int(self._tracked(opt_state).count)
-    if step <= 0 or step % self.every:
+    if step <= 0 or step % self.update_every:
+      return False
+    # Not looked into (that walks the whole state): close() does it once.
+    self._last = (step, opt_state)
+    if step % self.every:
       return False
     return self._save(opt_state, step) is not None
 
@@ -318,8 +420,10 @@ class Snapshotter:
 
     Raises:
       ValueError: at step 0, or between two updates of the EMAs when
-        `update_every > 1` (the snapshot would be stale), or when the state
-        holds no tracker of this snapshotter.
+        `update_every > 1` (the snapshot would be stale), when the state
+        holds no tracker of this snapshotter, when its tree differs from
+        that of the snapshots in the directory, or when the step is below
+        the latest snapshot's and has none (Orbax would not write it).
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -350,24 +454,44 @@ class Snapshotter:
              f"{step - step % self.update_every} (`update_every="
              f"{self.update_every}`).")
       )
-    if step in self._saved:
-      return None
-    self._saved.add(step)
-    leaves = jax.tree.leaves(state.ema, is_leaf=lambda x: x is None)
+    self._last = (step, opt_state)
     meta = {
         "format": _FORMAT,
         "step": step,
-        "gammas": list(self.gammas),
+        **self._settings,
         "dtype": self.dtype.name,
-        "num_leaves": len(leaves),
-        "skipped": [i for i, e in enumerate(leaves) if e is None],
+        "tree": _leaves.describe(state.ema, stacked=True),
     }
+    if self._latest is not None:
+      found = _difference(
+          meta, self._latest, f"the EMA state of step {step}",
+          f"the snapshot of step {self._latest['step']} in "
+          f"{self.directory!r}", ("tree",),
+      )
+      if found:
+        raise ValueError(
+            f"Cannot snapshot step {step}: {found}. A directory holds the "
+            "snapshots of one model: give this one a new directory."
+        )
+    if step in self._saved:
+      if step in self._unchecked:
+        self._check_redone(state, step)
+      return None
+    latest = max(self._saved, default=0)
+    if step < latest:
+      raise ValueError(
+          f"Cannot snapshot step {step}: the latest snapshot in "
+          f"{self.directory!r} is of step {latest}, and Orbax writes only "
+          "steps after the latest. Resume training from a checkpoint (the "
+          "snapshots of the steps it redoes are kept), or give a run that "
+          "starts again a new directory."
+      )
     ocp = _orbax()
     tree = jax.tree.map(
         lambda e: _as_saved(e, self.dtype), state.ema,
         is_leaf=lambda x: x is None,
     )
-    self._manager.save(
+    started = self._manager.save(
         step,
         args=ocp.args.Composite(
             # Wrapped: Orbax's standard handler refuses a bare array.
@@ -375,7 +499,56 @@ class Snapshotter:
             meta=ocp.args.JsonSave(meta),
         ),
     )
+    if not started:  # Orbax's own policy refused it: never report it saved
+      raise RuntimeError(
+          f"Orbax did not write the snapshot of step {step} to "
+          f"{self.directory!r} (its CheckpointManager refused the step)."
+      )
+    self._saved.add(step)
+    self._latest = meta
     return step
+
+  def _check_redone(self, state: _state.MultiEmaState, step: int) -> None:
+    """The EMAs of a step that an earlier run snapshotted must be that snapshot.
+
+    A run resumed from a checkpoint redoes the steps after it and finds the
+    same EMAs (up to nondeterministic reductions); a run that starts again
+    from step 1 with other data or seeds finds others, and its snapshots
+    would be mixed with the earlier run's.
+    """
+    self._unchecked.clear()  # once a run: it reads a snapshot back
+    ocp = _orbax()
+    target = jax.tree.map(
+        lambda e: jax.ShapeDtypeStruct(
+            e.shape,
+            self.dtype if _leaves.is_float(e) else _leaves.leaf_dtype(e),
+            sharding=e.sharding,
+        ),
+        state.ema,
+    )
+    saved = self._manager.restore(
+        step, args=ocp.args.Composite(ema=ocp.args.StandardRestore({"ema": target}))
+    ).ema["ema"]
+    tolerance = max(1e-3, 10 * float(jnp.finfo(self.dtype).eps))
+    flat = jax.tree_util.tree_flatten_with_path(state.ema)[0]
+    for (path, e), disk in zip(flat, jax.tree.leaves(saved)):
+      if not _leaves.is_float(e):
+        continue
+      dtype = _leaves.compute_dtype(e.dtype)
+      a, b = e.astype(dtype), disk.astype(dtype)
+      # An all-zero leaf matches zeros (not 0 / 0).
+      norm = jnp.maximum(jnp.mean(jnp.abs(b) ** 2), jnp.finfo(dtype).tiny)
+      ratio = jnp.sqrt(jnp.mean(jnp.abs(a - b) ** 2) / norm)
+      # A replicated scalar: this process's copy (others' are not addressable).
+      gap = float(ratio.addressable_data(0))
+      if not gap <= tolerance:
+        raise ValueError(
+            f"The snapshot of step {step} in {self.directory!r} is not this "
+            f"run's EMA at step {step} (leaf {_leaves.path_str(path)} differs "
+            f"by {gap:.3g}, relative RMS): the directory holds the snapshots "
+            "of another run. A run that starts again needs a new directory; "
+            "a run resumed from a checkpoint redoes the snapshots it finds."
+        )
 
   def wait_until_finished(self) -> None:
     """Block until every snapshot started is on disk.
@@ -387,20 +560,61 @@ class Snapshotter:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Finish writing and release Orbax's resources.
+    """Snapshot the last step seen if it has none, finish writing, release Orbax.
+
+    The last step is the last one given to `maybe_save` or `save` at which
+    the EMAs were updated; nothing is written with `save_on_close=False`, or
+    when it already has a snapshot. Leaving a `with` block on an exception
+    closes without this snapshot.
+
+    Raises:
+      ValueError: when the last state seen has been donated since (save
+        the final state with `save(opt_state)` before closing), or is below
+        the latest snapshot on disk (see `save`). Orbax is released anyway.
 
     Examples:
-      >>> import tempfile, ema_jax
-      >>> ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10).close()
+      >>> import tempfile, jax.numpy as jnp, ema_jax
+      >>> snapshotter = ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10)
+      >>> tx = snapshotter.ema()
+      >>> params = jnp.zeros(3)
+      >>> state = tx.init(params)
+      >>> for step in range(1, 16):
+      ...   _, state = tx.update(params, state, params)
+      ...   _ = snapshotter.maybe_save(state, step=step)
+      >>> snapshotter.wait_until_finished()
+      >>> snapshotter.steps
+      (10,)
+      >>> snapshotter.close()  # the tail, steps 11 to 15
+      >>> snapshotter.steps
+      (10, 15)
     """
-    self._manager.wait_until_finished()
-    self._manager.close()
+    self._close(tail=self.save_on_close)
+
+  def _close(self, tail: bool) -> None:
+    try:
+      if tail and self._last is not None and self._last[0] not in self._saved:
+        step, opt_state = self._last
+        if any(
+            isinstance(x, jax.Array) and x.is_deleted()
+            for x in jax.tree.leaves(self._tracked(opt_state))
+        ):
+          raise ValueError(
+              f"`close()` cannot snapshot the last step seen ({step}): its EMA "
+              "state has been donated since. Call `snapshotter.save(opt_state)` "
+              "with the final state before `close()`, or build the Snapshotter "
+              "with `save_on_close=False`."
+          )
+        self._save(opt_state, step)
+    finally:
+      self._last = None
+      self._manager.wait_until_finished()
+      self._manager.close()
 
   def __enter__(self) -> "Snapshotter":
     return self
 
-  def __exit__(self, *exc: Any) -> None:
-    self.close()
+  def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    self._close(tail=self.save_on_close and exc_type is None)
 
 
 def _orbax() -> Any:
@@ -431,23 +645,27 @@ class _Reader:
       raise ValueError(f"`snapshots`: no directory {self.directory!r}.")
     self._ocp = _orbax()
     self._manager = self._ocp.CheckpointManager(self.directory)
-    self.meta: dict[int, dict[str, Any]] = {}
-    for step in sorted(self._manager.all_steps()):
-      restored = self._manager.restore(
-          step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
-      )
-      meta = dict(restored.meta)
-      if meta.get("format") != _FORMAT:
-        raise ValueError(
-            f"{self.directory}/{step} is not an ema_jax.posthoc snapshot "
-            f"(format {meta.get('format')!r})."
-        )
-      self.meta[step] = meta
+    self.meta: dict[int, dict[str, Any]] = {
+        step: _read_meta(self._ocp, self._manager, self.directory, step)
+        for step in sorted(self._manager.all_steps())
+    }
     if not self.meta:
       raise ValueError(
           f"No snapshots in {self.directory!r}: call `Snapshotter.maybe_save` "
           "during training (and `close()` it before synthesizing)."
       )
+    first, *others = self.meta
+    for step in others:
+      found = _difference(
+          self.meta[step], self.meta[first], f"the snapshot of step {step}",
+          f"that of step {first}", ("gammas", "tree"),
+      )
+      if found:
+        raise ValueError(
+            f"The snapshots in {self.directory!r} do not belong together: "
+            f"{found}. A directory must hold the snapshots of one model and "
+            "one set of widths; move the others to a directory of their own."
+        )
 
   def target(self, step: int, like: Any) -> Any:
     """Orbax's restore target for snapshot `step`, shaped and sharded after `like`."""
@@ -455,17 +673,23 @@ class _Reader:
       return None
     meta = self.meta[step]
     leaves, treedef = jax.tree.flatten(like, is_leaf=lambda x: x is None)
-    if len(leaves) != meta["num_leaves"]:
+    rows = _leaves.describe(like, stacked=False)
+    for row, saved in zip(rows, meta["tree"]):
+      if saved[1] == _leaves.Kind.SKIP.value or row[1] == _leaves.Kind.SKIP.value:
+        row[2] = saved[2]  # nothing is restored there: any shape will do
+    found = _leaves.first_difference(
+        rows, meta["tree"], "`like`", "the snapshots", fields=("shape",)
+    )
+    if found:
       raise ValueError(
-          f"`like` has {len(leaves)} leaves but the snapshots were taken of "
-          f"params with {meta['num_leaves']}; pass the params (or their "
-          "`jax.ShapeDtypeStruct`s) of the model that was trained."
+          f"`like` is not the tree the snapshots were taken of: {found}. Pass "
+          "the params (or their `jax.ShapeDtypeStruct`s) of the model that "
+          "was trained."
       )
-    skipped = set(meta["skipped"])
     n = len(meta["gammas"])
     out: list[Any] = []
-    for i, leaf in enumerate(leaves):
-      if i in skipped or leaf is None:
+    for leaf, saved in zip(leaves, meta["tree"]):
+      if saved[1] == _leaves.Kind.SKIP.value or leaf is None:
         out.append(None)
         continue
       sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(
@@ -530,21 +754,34 @@ def _synthesize(
   used = [s for s in steps if s <= step]
   in_steps = [s for s in used for _ in reader.meta[s]["gammas"]]
   in_gammas = [g for s in used for g in reader.meta[s]["gammas"]]
+  if len(in_gammas) == 1 and not math.isclose(gamma, in_gammas[0], rel_tol=1e-9):
+    raise ValueError(
+        f"Up to step {step} there is one snapshot of one width (sigma_rel="
+        f"{_schedules.gamma_to_sigma_rel(in_gammas[0]):.4g}): it cannot be "
+        f"made into sigma_rel={_schedules.gamma_to_sigma_rel(gamma):.4g}. "
+        "Synthesize at a later step (more snapshots), or track two widths "
+        "(the default `sigma_rels=(0.05, 0.10)`)."
+    )
   weights = solve_weights(in_steps, in_gammas, step, gamma)[:, 0]
   offsets = np.cumsum([0] + [len(reader.meta[s]["gammas"]) for s in used])
 
   acc: list[jax.Array] | None = None
   for k, s in enumerate(used):
-    leaves, treedef = jax.tree.flatten(
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
         reader.restore(s, like), is_leaf=lambda x: x is None
     )
-    stacked = [
-        i for i, e in enumerate(leaves)
-        if _leaves.stored_kind(e) is _leaves.Kind.AVERAGE
-    ]
-    stacks = [leaves[i] for i in stacked]
+    # By path (the reader checked that every snapshot has the same ones).
+    leaves = {_leaves.path_str(path): e for path, e in flat}
+    del flat
+    if k == 0:
+      paths = list(leaves)
+      stacked = [
+          i for i, p in enumerate(paths)
+          if _leaves.stored_kind(leaves[p]) is _leaves.Kind.AVERAGE
+      ]
+    stacks = [leaves[paths[i]] for i in stacked]
     # Carried (integer) leaves come from the last snapshot, the one of `step`.
-    out = [None if i in stacked else e for i, e in enumerate(leaves)]
+    out = [None if i in stacked else leaves[p] for i, p in enumerate(paths)]
     # Hold one snapshot at a time: drop it before reading the next.
     del leaves
     w = jnp.asarray(weights[offsets[k]:offsets[k + 1]], jnp.float32)
@@ -590,8 +827,11 @@ def synthesize(
     leaves `None`.
 
   Raises:
-    ValueError: for a `step` without snapshot, a bad width, or `like` with
-      another number of leaves.
+    ValueError: for a `step` without snapshot, a bad width, snapshots that
+      do not belong together (their trees or widths differ: the message
+      names the leaf path or setting), a width other than the tracked one
+      from a single snapshot of a single width, or `like` with other leaf
+      paths or shapes than the snapshots.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax

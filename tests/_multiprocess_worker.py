@@ -1,10 +1,12 @@
 """One process of the multi-process test (tests/test_multiprocess.py), and its example.
 
 Each process runs this file with its id; together they train a sharded MLP
-with two EMAs (float32, and bfloat16 with stochastic rounding) on a global
-2x2 ('data', 'model') mesh spanning both processes, evaluate with the EMA
-swapped in, save and restore with Orbax's multi-process checkpointing, train
-on, and write the shards they hold to `--out`. `train()` is also what the test
+with two EMAs (float32, and bfloat16 with stochastic rounding) and the two
+power-function EMAs of a post-hoc `Snapshotter` on a global 2x2 ('data',
+'model') mesh spanning both processes, evaluate with the EMA swapped in, save
+and restore with Orbax's multi-process checkpointing, train on, snapshot (at
+step 4 and, on `close()`, the tail at step 6), synthesize a post-hoc EMA, and
+write the shards they hold to `--out`. `train()` is also what the test
 runs in a single process for the reference.
 
   python tests/_multiprocess_worker.py --process-id 0 --num-processes 2 \\
@@ -37,6 +39,9 @@ SPECS = {
 }
 SHAPES = {"w1": (8, 32), "b1": (32,), "w2": (32, 4), "b2": (4,)}
 STEPS_BEFORE_SAVE, STEPS_AFTER_RESTORE = 3, 3
+SNAPSHOT_EVERY = 4  # one snapshot at step 4, and the tail at step 6 on close()
+# The sharded results written out, leaf by leaf.
+GROUPS = ("params", "ema", "ema_bf16", "tracked", "posthoc_010", "posthoc_020")
 
 
 def loss_fn(params, batch):
@@ -77,10 +82,17 @@ def train(mesh, checkpoint_dir: str) -> dict:
       for _ in range(STEPS_BEFORE_SAVE + STEPS_AFTER_RESTORE)
   ]
 
+  # Every process opens the same directory and calls every method: Orbax
+  # writes and reads each process's shards.
+  snapshot_dir = os.path.join(os.path.abspath(checkpoint_dir), "snapshots")
+  snapshotter = ema_jax.posthoc.Snapshotter(
+      snapshot_dir, every=SNAPSHOT_EVERY, which=2
+  )
   tx = optax.chain(
       optax.adam(1e-2),
       ema_jax.ema(0.9),
       ema_jax.ema(0.9, ema_dtype=jnp.bfloat16, rounding="stochastic", key=0),
+      snapshotter.ema(),
   )
   # No shardings passed anywhere: the EMAs follow the params'.
   opt_state = jax.jit(tx.init)(params)
@@ -98,8 +110,9 @@ def train(mesh, checkpoint_dir: str) -> dict:
     params, opt_state = ema_jax.swap(ema_weights, opt_state, which=0)
     return loss, params, opt_state
 
-  for batch in batches[:STEPS_BEFORE_SAVE]:
+  for step, batch in enumerate(batches[:STEPS_BEFORE_SAVE], 1):
     params, opt_state = train_step(params, opt_state, batch)
+    snapshotter.maybe_save(opt_state, step=step)
   eval_loss, params, opt_state = eval_step(params, opt_state, batches[0])
 
   # Every process calls save and restore; each writes and reads its shards.
@@ -121,13 +134,21 @@ def train(mesh, checkpoint_dir: str) -> dict:
   )
   params, opt_state = restored["params"], restored["opt_state"]
 
-  for batch in batches[STEPS_BEFORE_SAVE:]:
+  for step, batch in enumerate(batches[STEPS_BEFORE_SAVE:], STEPS_BEFORE_SAVE + 1):
     params, opt_state = train_step(params, opt_state, batch)
+    snapshotter.maybe_save(opt_state, step=step)
   final_loss, params, opt_state = eval_step(params, opt_state, batches[0])
+  snapshotter.close()  # writes the tail, step 6
   return {
       "params": params,
       "ema": ema_jax.ema_params(opt_state, which=0),
       "ema_bf16": ema_jax.ema_params(opt_state, which=1),
+      # Tracked with sigma_rel 0.10, and the same width synthesized from the
+      # snapshots of steps 4 and 6 (it must come back); a width not tracked.
+      "tracked": ema_jax.ema_params(opt_state, which=2, index=1),
+      "posthoc_010": ema_jax.posthoc.synthesize(snapshot_dir, 0.10, like=params),
+      "posthoc_020": ema_jax.posthoc.synthesize(snapshot_dir, 0.20, like=params),
+      "snapshot_steps": np.asarray(snapshotter.steps),
       "count": opt_state[1].count,
       "eval_loss": eval_loss,
       "final_eval_loss": final_loss,
@@ -138,7 +159,7 @@ def train(mesh, checkpoint_dir: str) -> dict:
 def local_shards(result: dict) -> dict[str, np.ndarray]:
   """The shards this process holds, keyed `name|start:stop,...`."""
   out = {}
-  for group in ("params", "ema", "ema_bf16"):
+  for group in GROUPS:
     for name, array in result[group].items():
       assert array.sharding.is_equivalent_to(
           result["params"][name].sharding, array.ndim
@@ -154,6 +175,7 @@ def local_shards(result: dict) -> dict[str, np.ndarray]:
   for name in ("count", "eval_loss", "final_eval_loss"):
     out[name] = replicated_value(result[name])
   out["restored_equal"] = np.asarray(result["restored_equal"])
+  out["snapshot_steps"] = result["snapshot_steps"]
   return out
 
 

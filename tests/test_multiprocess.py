@@ -3,7 +3,8 @@
 The processes (tests/_multiprocess_worker.py) talk through
 `jax.distributed.initialize` on 127.0.0.1 and gloo collectives; they train,
 evaluate with the EMA swapped in, save and restore with Orbax's multi-process
-checkpointing, and train on. Every shard each process holds must equal the
+checkpointing, train on, save post-hoc snapshots together and synthesize from
+them. Every shard each process holds must equal the
 same slice of a single-process run of the same code on 4 devices.
 
 Deselect locally with `-m "not multiprocess"`; CI runs it.
@@ -106,16 +107,25 @@ def test_two_processes_match_a_single_process_reference(tmp_path):
   assert reference["restored_equal"]
   expected = {
       f"{group}/{name}": np.asarray(array.astype(jnp.float32))
-      for group in ("params", "ema", "ema_bf16")
+      for group in worker.GROUPS
       for name, array in reference[group].items()
   }
   # The reference's own EMA is not trivially the params.
   assert not np.allclose(expected["ema/w1"], expected["params/w1"])
+  # Its snapshots (step 4, and step 6 written by close()) give back the
+  # tracked width, and another one that differs from it.
+  assert list(reference["snapshot_steps"]) == [4, 6]
+  for name in worker.SHAPES:
+    np.testing.assert_allclose(
+        expected[f"posthoc_010/{name}"], expected[f"tracked/{name}"], atol=1e-6
+    )
+  assert not np.allclose(expected["posthoc_020/w1"], expected["tracked/w1"])
 
   covered = {key: np.zeros(v.shape, int) for key, v in expected.items()}
   for i in range(NUM_PROCESSES):
     shards = dict(np.load(out / f"process_{i}.npz"))
     assert bool(shards.pop("restored_equal")), f"process {i}: restore differs"
+    assert list(shards.pop("snapshot_steps")) == [4, 6], f"process {i}"
     assert int(shards.pop("count")) == 6
     for name in ("eval_loss", "final_eval_loss"):
       np.testing.assert_array_equal(

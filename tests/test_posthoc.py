@@ -188,11 +188,16 @@ def walk(tmp_path_factory):
   return traj.astype(np.float64), dirs, state
 
 
-def ref_synthesize(traj, sigma, step):
-  """EDM2's post-hoc reconstruction in float64 from float64 snapshots."""
-  tracks = {s: ref_track(traj, ref_gamma(s)) for s in TRACKED}
+def ref_synthesize(traj, sigma, step, snapshots=None, update_every=1):
+  """EDM2's post-hoc reconstruction in float64 from float64 snapshots.
+
+  `snapshots`: their steps, by default every `EVERY` steps up to `step`.
+  """
+  tracks = {s: ref_track(traj, ref_gamma(s), update_every) for s in TRACKED}
   inputs, values = [], []
-  for t in range(EVERY, step + 1, EVERY):
+  if snapshots is None:
+    snapshots = range(EVERY, step + 1, EVERY)
+  for t in snapshots:
     for s in TRACKED:
       inputs.append((t, ref_gamma(s)))
       values.append(tracks[s][t - 1])
@@ -433,10 +438,241 @@ def test_errors_name_the_argument(tmp_path):
     posthoc.synthesize(tmp_path, sigma_rel=0.1, step=3)
   with pytest.raises(ValueError, match="exactly one of `sigma_rel` and `gamma`"):
     posthoc.synthesize(tmp_path, sigma_rel=0.1, gamma=7.0)
-  with pytest.raises(ValueError, match="`like` has 2 leaves"):
+  with pytest.raises(ValueError, match=r"`like` is not the tree.*leaf \[0\] is in `like`"):
     posthoc.synthesize(tmp_path, sigma_rel=0.1, like=[params, params])
   with pytest.raises(ValueError, match="no directory"):
     posthoc.synthesize(tmp_path / "missing", sigma_rel=0.1)
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="No snapshots"):
     posthoc.synthesize(tmp_path / "empty", sigma_rel=0.1)
+
+
+# --- snapshots that cannot be mixed or lost ------------------------------------
+
+
+def _ramp(directory, steps, params=None, **kwargs):
+  """Track `params + t` for t = 1..steps with a Snapshotter; its last state."""
+  params = {"w": jnp.zeros(3)} if params is None else params
+  snapshotter = posthoc.Snapshotter(directory, **kwargs)
+  tx = snapshotter.ema()
+  state = tx.init(params)
+  for t in range(1, steps + 1):
+    target = jax.tree.map(lambda p: p + t, params)
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, target)
+    snapshotter.maybe_save(state)
+  snapshotter.close()
+  return state
+
+
+def _move_step(source, step, destination):
+  """Put snapshot `step` of one directory into another, as a careless copy would."""
+  import shutil
+  shutil.copytree(source / str(step), destination / str(step))
+
+
+def test_synthesize_refuses_snapshots_of_two_models(tmp_path):
+  first, second = tmp_path / "a", tmp_path / "b"
+  _ramp(first, 20, every=10)
+  # The same leaf count and shapes, another model: combining by position
+  # would mix `w` with `v`.
+  _ramp(second, 30, params={"v": jnp.zeros(3)}, every=10)
+  _move_step(second, 30, first)
+  with pytest.raises(ValueError, match=r"leaf \['v'\] is in the snapshot of step 30 but not in that of step 10"):
+    posthoc.synthesize(first, sigma_rel=0.1)
+
+
+def test_synthesize_refuses_snapshots_of_another_shape_or_profile(tmp_path):
+  first, shape, profile = tmp_path / "a", tmp_path / "shape", tmp_path / "profile"
+  _ramp(first, 20, every=10)
+  _ramp(shape, 30, params={"w": jnp.zeros(4)}, every=10)
+  _ramp(profile, 30, every=10, sigma_rels=(0.05, 0.2))
+  mixed = tmp_path / "mixed"
+  import shutil
+  shutil.copytree(first, mixed)
+  _move_step(shape, 30, mixed)
+  with pytest.raises(ValueError, match=r"\['w'\].*shape \(4,\).*\(3,\)|\['w'\].*\(3,\).*\(4,\)"):
+    posthoc.synthesize(mixed, sigma_rel=0.1)
+  _move_step(profile, 30, first)
+  with pytest.raises(ValueError, match=r"`sigma_rels` is \(0.05, 0.2\) in the snapshot of step 30 but \(0.05, 0.1\)"):
+    posthoc.synthesize(first, sigma_rel=0.1)
+
+
+@pytest.mark.parametrize("setting", [
+    {"every": 30}, {"sigma_rels": (0.05, 0.2)}, {"every": 10, "update_every": 5},
+])
+def test_snapshotter_refuses_a_directory_with_other_settings(tmp_path, setting):
+  _ramp(tmp_path, 20, every=10)
+  name = [k for k in setting if k != "every"] or ["every"]
+  with pytest.raises(ValueError, match=f"`{name[0]}`"):
+    posthoc.Snapshotter(tmp_path, **{"every": 10, **setting})
+
+
+def test_snapshotter_refuses_a_directory_of_another_model(tmp_path):
+  _ramp(tmp_path, 20, every=10)
+  with pytest.raises(ValueError, match=r"\['v'\]"):
+    _ramp(tmp_path, 30, params={"v": jnp.zeros(3)}, every=10)
+  assert posthoc.Snapshotter(tmp_path, every=10).steps == (10, 20)
+
+
+def _restart(directory, steps, offset, **kwargs):
+  """A run from step 1 into `directory`: params `offset + t`; its Snapshotter, open."""
+  snapshotter = posthoc.Snapshotter(directory, **kwargs)
+  tx = snapshotter.ema()
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  for t in range(1, steps + 1):
+    _, state = tx.update(params, state, {"w": jnp.full(3, offset + t, jnp.float32)})
+    assert not snapshotter.maybe_save(state)  # below the latest: never reported
+  return snapshotter, state
+
+
+def test_a_restart_below_the_latest_snapshot_is_refused_not_lost(tmp_path):
+  _ramp(tmp_path, 200, every=100)
+  # The same run again (as when resumed from an early checkpoint): step 100
+  # is on disk and matches; step 150 cannot be written after step 200.
+  snapshotter, state = _restart(tmp_path, 150, 0.0, every=100)
+  with pytest.raises(ValueError, match=r"step 150.*latest snapshot.*200"):
+    snapshotter.save(state)
+  with pytest.raises(ValueError, match=r"step 150.*latest snapshot.*200"):
+    snapshotter.close()  # nor the tail: it would be below step 200
+  assert posthoc.Snapshotter(tmp_path, every=100).steps == (100, 200)
+
+
+def test_a_restart_of_another_run_into_the_directory_is_refused(tmp_path):
+  _ramp(tmp_path, 200, every=100)
+  with pytest.raises(ValueError, match=r"step 100.*not this run's EMA.*\['w'\]"):
+    _restart(tmp_path, 100, 0.5, every=100)
+
+
+def test_duplicate_widths_fail_when_built(tmp_path):
+  with pytest.raises(ValueError, match=r"`sigma_rels`.*0\.1.*twice"):
+    posthoc.Snapshotter(tmp_path, every=10, sigma_rels=(0.1, 0.1))
+  with pytest.raises(ValueError, match=r"`gammas`.*7\.0.*twice"):
+    posthoc.Snapshotter(tmp_path, every=10, gammas=(7.0, 6.0, 7.0))
+
+
+def test_one_snapshot_of_one_width_cannot_change_the_width(tmp_path):
+  state = _ramp(tmp_path, 10, every=10, sigma_rels=(0.1,))
+  got = posthoc.synthesize(tmp_path, sigma_rel=0.1)
+  np.testing.assert_array_equal(got["w"], ema_jax.ema_params(state, index=0)["w"])
+  with pytest.raises(ValueError, match=r"one snapshot.*sigma_rel=0\.1.*0\.2"):
+    posthoc.synthesize(tmp_path, sigma_rel=0.2)
+  with pytest.raises(ValueError, match=r"one snapshot"):
+    posthoc.sweep(tmp_path, [0.1, 0.2], lambda p: 0.0)
+
+
+def test_like_is_matched_by_leaf_path(tmp_path):
+  _ramp(tmp_path, 10, params={"w": jnp.zeros(3), "b": jnp.zeros(2)}, every=10)
+  with pytest.raises(ValueError, match=r"`like`.*\['v'\]"):
+    posthoc.synthesize(tmp_path, sigma_rel=0.1, like={"v": jnp.zeros(3), "b": jnp.zeros(2)})
+  with pytest.raises(ValueError, match=r"`like`.*\['w'\].*\(4,\).*\(3,\)"):
+    posthoc.synthesize(tmp_path, sigma_rel=0.1, like={"w": jnp.zeros(4), "b": jnp.zeros(2)})
+
+
+@pytest.mark.parametrize("update_every, steps, tail", [(1, 250, 250), (5, 253, 250)])
+def test_close_snapshots_the_tail_and_synthesis_matches_edm2(
+    tmp_path, update_every, steps, tail
+):
+  rng = np.random.default_rng(2)
+  traj = np.cumsum(rng.normal(size=(steps, DIM)), axis=0).astype(np.float32)
+  dirs = [tmp_path / "tail", tmp_path / "no_tail"]
+  snapshotters = [
+      posthoc.Snapshotter(d, every=100, update_every=update_every, save_on_close=on)
+      for d, on in zip(dirs, (True, False))
+  ]
+  tx = snapshotters[0].ema()
+  state = tx.init(jnp.zeros(DIM))
+  step = jax.jit(lambda s, p: tx.update(jnp.zeros(DIM), s, p)[1])
+  for t in range(1, steps + 1):
+    state = step(state, jnp.asarray(traj[t - 1]))
+    for snapshotter in snapshotters:
+      snapshotter.maybe_save(state, step=t)
+  for snapshotter in snapshotters:
+    snapshotter.close()
+  assert snapshotters[0].steps == (100, 200, tail)
+  assert snapshotters[1].steps == (100, 200)
+  traj = traj.astype(np.float64)
+  scale = rms(traj)
+  for sigma in (0.05, 0.10, 0.15, 0.25):
+    direct = ref_track(traj, ref_gamma(sigma), update_every)[-1]
+    ref = ref_synthesize(traj, sigma, tail, (100, 200, tail), update_every)
+    got = np.asarray(posthoc.synthesize(dirs[0], sigma), np.float64)
+    assert rms(got - ref) < 2e-6 * scale, sigma
+    if sigma in TRACKED:  # a tracked width comes back as the tracker's
+      np.testing.assert_allclose(
+          got, ema_jax.ema_params(state, index=TRACKED.index(sigma)), atol=1e-5 * scale
+      )
+      # Without the tail, the last synthesis is of step 200, off the EMA at
+      # the end of training by what the last steps moved it.
+      old = np.asarray(posthoc.synthesize(dirs[1], sigma), np.float64)
+      assert rms(old - direct) > 1e4 * rms(got - direct), sigma
+
+
+def test_close_refuses_a_donated_last_state_and_skips_the_tail_on_errors(tmp_path):
+  params = jnp.zeros(3)
+  snapshotter = posthoc.Snapshotter(tmp_path / "donated", every=10)
+  tx = snapshotter.ema()
+  step = jax.jit(lambda s, p: tx.update(jnp.zeros(3), s, p)[1], donate_argnums=0)
+  state = tx.init(params)
+  for t in range(1, 4):
+    state = step(state, params + t)
+    snapshotter.maybe_save(state, step=t)
+  state = step(state, params)  # donates the state of step 3
+  with pytest.raises(ValueError, match=r"last step seen \(3\).*donated.*save\(opt_state\)"):
+    snapshotter.close()
+  with pytest.raises(RuntimeError, match="stop"):
+    with posthoc.Snapshotter(tmp_path / "error", every=10) as snapshotter:
+      snapshotter.maybe_save(state)
+      raise RuntimeError("stop")
+  assert not (tmp_path / "error" / "4").exists()
+  with posthoc.Snapshotter(tmp_path / "ok", every=10) as snapshotter:
+    snapshotter.maybe_save(state)
+  assert snapshotter.steps == (4,)
+  with pytest.raises(TypeError, match="`save_on_close` must be True or False"):
+    posthoc.Snapshotter(tmp_path, every=10, save_on_close="no")
+
+
+def test_close_snapshots_the_tail_of_the_tracker_picked_by_which(tmp_path):
+  snapshotter = posthoc.Snapshotter(tmp_path, every=10, which=1)
+  tx = optax.chain(ema_jax.ema(0.9), snapshotter.ema())
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  for t in range(1, 4):
+    _, state = tx.update(params, state, params + t)
+    assert not snapshotter.maybe_save(state)
+  snapshotter.close()
+  assert snapshotter.steps == (3,)
+  np.testing.assert_array_equal(
+      posthoc.synthesize(tmp_path, sigma_rel=0.05),
+      ema_jax.ema_params(state, which=1, index=0),
+  )
+
+
+def test_maybe_save_between_snapshots_does_not_walk_the_state(tmp_path, monkeypatch):
+  snapshotter = posthoc.Snapshotter(tmp_path, every=10)
+  tx = snapshotter.ema()
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  calls = []
+  tracked = posthoc.Snapshotter._tracked
+  monkeypatch.setattr(
+      posthoc.Snapshotter, "_tracked", lambda self, s: calls.append(1) or tracked(self, s)
+  )
+  for t in range(1, 10):  # the step is given: nothing to read from the state
+    _, state = tx.update(params, state, params)
+    assert not snapshotter.maybe_save(state, step=t)
+  assert calls == []
+  snapshotter.close()  # looks once, for the tail (and checks the step)
+  assert calls and snapshotter.steps == (9,)
+
+
+def test_a_redone_step_of_all_zero_averages_matches(tmp_path):
+  params = jnp.zeros(3)
+  for _ in range(2):  # the same run twice: its step 2 is redone
+    with posthoc.Snapshotter(tmp_path, every=2) as snapshotter:
+      tx = snapshotter.ema()
+      state = tx.init(params)
+      for t in range(1, 3):
+        _, state = tx.update(params, state, params)
+        snapshotter.maybe_save(state, step=t)
+  assert snapshotter.steps == (2,)
