@@ -19,11 +19,14 @@ from ema_jax._rounding import Rounding as Rounding
 from ema_jax._schedules import Decay as Decay
 from ema_jax._schedules import DecaySchedule as DecaySchedule
 from ema_jax._schedules import constant_decay as constant_decay
+from ema_jax._schedules import cosine_decay as cosine_decay
 from ema_jax._schedules import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ema_jax._schedules import half_life_decay as half_life_decay
 from ema_jax._schedules import power_decay as power_decay
+from ema_jax._schedules import scale_decay as scale_decay
 from ema_jax._schedules import sigma_rel_to_gamma as sigma_rel_to_gamma
 from ema_jax._schedules import tf_dynamic_decay as tf_dynamic_decay
+from ema_jax._schedules import uniform_decay as uniform_decay
 from ema_jax._schedules import warmup_decay as warmup_decay
 from ema_jax._state import EmaState as EmaState
 from ema_jax._state import MultiEmaState as MultiEmaState
@@ -57,6 +60,7 @@ __all__ = [
     "SwappedMultiEmaState",
     "apply_updates_and_average",
     "constant_decay",
+    "cosine_decay",
     "ema",
     "ema_params",
     "gamma_to_sigma_rel",
@@ -67,8 +71,10 @@ __all__ = [
     "posthoc",
     "power_decay",
     "presets",
+    "scale_decay",
     "sigma_rel_to_gamma",
     "swap",
     "tf_dynamic_decay",
+    "uniform_decay",
     "warmup_decay",
 ]
