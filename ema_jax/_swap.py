@@ -44,7 +44,9 @@ def _pick(stored: Any, index: int | None) -> Any:
   """One leaf of the average: slot `index` of a stacked leaf, else as stored."""
   if index is None or _leaves.stored_kind(stored) is not Kind.AVERAGE:
     return stored
-  return stored[index]
+  # A static slice: `stored[index]` gathers with an index array in device
+  # memory, which fails for an average kept in host memory.
+  return jax.lax.index_in_dim(stored, index, keepdims=False)
 
 
 def ema_params(
