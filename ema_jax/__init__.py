@@ -33,7 +33,9 @@ from ema_jax._state import MultiEmaState as MultiEmaState
 from ema_jax._state import SwappedEmaState as SwappedEmaState
 from ema_jax._state import SwappedMultiEmaState as SwappedMultiEmaState
 from ema_jax._state import is_swapped as is_swapped
+from ema_jax._swap import blend as blend
 from ema_jax._swap import ema_params as ema_params
+from ema_jax._swap import reset as reset
 from ema_jax._swap import swap as swap
 from ema_jax import posthoc as posthoc
 
@@ -59,6 +61,7 @@ __all__ = [
     "SwappedEmaState",
     "SwappedMultiEmaState",
     "apply_updates_and_average",
+    "blend",
     "constant_decay",
     "cosine_decay",
     "ema",
@@ -71,6 +74,7 @@ __all__ = [
     "posthoc",
     "power_decay",
     "presets",
+    "reset",
     "scale_decay",
     "sigma_rel_to_gamma",
     "swap",
