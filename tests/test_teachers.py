@@ -251,6 +251,20 @@ def test_hard_target_copy_every_n_updates(every, jit):
     assert_bitwise_equal(es[n - 1], want)
 
 
+@pytest.mark.parametrize("alpha, every", [(0.6, 4), (0.05, 10)])
+def test_reference_model_mixed_every_n_updates(alpha, every):
+  # RLHF's reference model: ref <- alpha * policy + (1 - alpha) * ref after
+  # updates N, 2N, ...; unchanged in between.
+  p0, grads = trajectory(3 * every, seed=11)
+  tx = ema_jax.ema(ema_jax.scale_decay(1 - alpha, 1 / every), update_every=every)
+  ps, es, _ = run(tx, p0, grads)
+  ref = np.asarray(p0, np.float64)
+  for n in range(1, len(ps) + 1):
+    if n % every == 0:
+      ref = alpha * ps[n - 1] + (1 - alpha) * ref
+    np.testing.assert_allclose(es[n - 1], ref, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # The teacher inside the loss.
 # ---------------------------------------------------------------------------
