@@ -74,7 +74,9 @@ def _align(params: Any, state: Any, which: int | None) -> _Aligned:
   leaves = []
   for (path, p), e in zip(flat, stored):
     kind = _leaves.stored_kind(e)
-    _leaves.check_stored(path, p, e, kind, what, num_averages=n)
+    _leaves.check_stored(
+        path, p, e, kind, what, num_averages=n, number_kind=True
+    )
     leaves.append(_Leaf(path, p, e, kind))
   return _Aligned(which, found, treedef, leaves, n, what)
 
@@ -280,10 +282,10 @@ def blend(
 ) -> optax.Params:
   """The params moved toward their EMA: `alpha * ema + (1 - alpha) * params`.
 
-  Writing the EMA back into the params: Switch EMA and ema-pytorch's
-  `update_model_with_ema_every` (`alpha=1` every N steps), its
-  `update_model_with_ema_beta` and the reference-model mixing of RLHF
-  trainers (`alpha < 1`), a one-time blend of the EMA into the final weights.
+  Writing the EMA back into the params: Switch EMA, Keras'
+  `ema_overwrite_frequency` and ema-pytorch's `update_model_with_ema_every`
+  (`alpha=1` every N steps; ema-pytorch's `update_model_with_ema_beta=b` is
+  `alpha=1 - b`), or a one-time blend of the EMA into the final weights.
   The result has the params' dtype, sharding and memory kind; it is exactly
   the params at `alpha=0` and exactly the EMA cast to their dtype at
   `alpha=1`, computed in float32 or wider in between. Leaves the EMA carries

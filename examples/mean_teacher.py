@@ -115,7 +115,7 @@ def main() -> None:
       x_train, y_train, train_size=LABELLED, random_state=args.seed,
       stratify=y_train,
   )
-  print(f"{len(y_lab)} labelled and {len(y_train)} unlabelled training images, "
+  print(f"labels of {len(y_lab)} of the {len(y_train)} training images used; "
         f"{len(y_test)} test images")
 
   steps_per_epoch = len(x_train) // BATCH_UNLABELLED
