@@ -19,18 +19,23 @@ from ema_jax._rounding import Rounding as Rounding
 from ema_jax._schedules import Decay as Decay
 from ema_jax._schedules import DecaySchedule as DecaySchedule
 from ema_jax._schedules import constant_decay as constant_decay
+from ema_jax._schedules import cosine_decay as cosine_decay
 from ema_jax._schedules import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ema_jax._schedules import half_life_decay as half_life_decay
 from ema_jax._schedules import power_decay as power_decay
+from ema_jax._schedules import scale_decay as scale_decay
 from ema_jax._schedules import sigma_rel_to_gamma as sigma_rel_to_gamma
 from ema_jax._schedules import tf_dynamic_decay as tf_dynamic_decay
+from ema_jax._schedules import uniform_decay as uniform_decay
 from ema_jax._schedules import warmup_decay as warmup_decay
 from ema_jax._state import EmaState as EmaState
 from ema_jax._state import MultiEmaState as MultiEmaState
 from ema_jax._state import SwappedEmaState as SwappedEmaState
 from ema_jax._state import SwappedMultiEmaState as SwappedMultiEmaState
 from ema_jax._state import is_swapped as is_swapped
+from ema_jax._swap import blend as blend
 from ema_jax._swap import ema_params as ema_params
+from ema_jax._swap import reset as reset
 from ema_jax._swap import swap as swap
 from ema_jax import posthoc as posthoc
 
@@ -56,7 +61,9 @@ __all__ = [
     "SwappedEmaState",
     "SwappedMultiEmaState",
     "apply_updates_and_average",
+    "blend",
     "constant_decay",
+    "cosine_decay",
     "ema",
     "ema_params",
     "gamma_to_sigma_rel",
@@ -67,8 +74,11 @@ __all__ = [
     "posthoc",
     "power_decay",
     "presets",
+    "reset",
+    "scale_decay",
     "sigma_rel_to_gamma",
     "swap",
     "tf_dynamic_decay",
+    "uniform_decay",
     "warmup_decay",
 ]

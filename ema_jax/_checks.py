@@ -64,7 +64,13 @@ def boolean(name: str, value: Any) -> bool:
   return bool(value)
 
 
-def unit_float(name: str, value: Any) -> float:
+DECAY_HINT = (
+    "A decay is the weight kept by the old average: 0.999 averages over about "
+    "1000 steps."
+)
+
+
+def unit_float(name: str, value: Any, hint: str = DECAY_HINT) -> float:
   """A real number in [0, 1] given as a Python or NumPy number."""
   if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(
       value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)
@@ -76,8 +82,7 @@ def unit_float(name: str, value: Any) -> float:
   value = float(value)
   if not 0.0 <= value <= 1.0:
     raise ValueError(
-        f"`{name}` must be in [0, 1], got {value}. A decay is the weight kept "
-        "by the old average: 0.999 averages over about 1000 steps."
+        f"`{name}` must be in [0, 1], got {value}. {hint}"
     )
   return value
 

@@ -150,6 +150,22 @@ def _stack(x: jax.Array, n: int) -> jax.Array:
   return jnp.array(stacked, copy=True)
 
 
+def start_leaf(
+    p: Any, kind: Kind, dtype: Any, num_averages: int | None
+) -> Any:
+  """What `init` stores for one leaf, and `ema_jax.reset` stores again.
+
+  A copy of `p` in `dtype`, stacked `num_averages` times on a new leading axis
+  for an averaged leaf of a multi-EMA state; `None` for a skipped leaf.
+  """
+  if kind is Kind.SKIP:
+    return None
+  x = copy(p, dtype)
+  if num_averages is not None and kind is Kind.AVERAGE:
+    x = _stack(x, num_averages)
+  return x
+
+
 def transformation(
     rule: Rule,
     num_averages: int | None,
@@ -189,14 +205,13 @@ def transformation(
     _checks.memory_kind_available(memory_kind)
     kinds = _leaves.leaf_kinds(params, mask)
     leaves, treedef = jax.tree.flatten(params)
-    ema: list[Any] = []
-    for p, kind in zip(leaves, kinds):
-      x = None
-      if kind is not Kind.SKIP:
-        x = copy(p, expected_dtype(p, kind))
-        if stacked and kind is Kind.AVERAGE:
-          x = _stack(x, n)
-      ema.append(_memory.put(x, memory_kind))
+    ema = [
+        _memory.put(
+            start_leaf(p, kind, expected_dtype(p, kind), num_averages),
+            memory_kind,
+        )
+        for p, kind in zip(leaves, kinds)
+    ]
     return state_type(
         count=jnp.zeros((), jnp.int32),
         ema=jax.tree.unflatten(treedef, ema),

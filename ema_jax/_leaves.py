@@ -182,6 +182,7 @@ def check_stored(
     *,
     num_averages: int | None = None,
     dtype: Any = None,
+    number_kind: bool = False,
 ) -> None:
   """One stored leaf against its param, by leaf path: the one mismatch message.
 
@@ -194,6 +195,10 @@ def check_stored(
     num_averages: for a stacked (multi-EMA) tree, how many averages an
       averaged leaf must hold on its leading axis.
     dtype: the dtype the stored leaf must have; `None` checks no dtype.
+    number_kind: also check that the param is a number of the stored leaf's
+      kind: a carried leaf's dtype exactly, and for an averaged leaf a real
+      or complex float as stored (an average may be kept in another float
+      dtype than its param's).
   """
   where = path_str(path)
   if kind is Kind.SKIP:
@@ -231,6 +236,21 @@ def check_stored(
         f"hold dtype {dtype}, but it holds {leaf_dtype(stored)}. Re-run `init` "
         "after changing the params' dtype (or pass `ema_dtype`)."
     )
+  if number_kind and _number_kind(param, kind) != _number_kind(stored, kind):
+    raise ValueError(
+        f"Leaf {where}: params of dtype {leaf_dtype(param)} do not match the "
+        f"{what}, which holds dtype {leaf_dtype(stored)} for it. Pass the "
+        "params the state was made for, or re-run `init` after changing the "
+        "params' dtype."
+    )
+
+
+def _number_kind(x: Any, kind: Kind) -> Any:
+  """What must agree between a param and its stored leaf, beyond the shape."""
+  dtype = leaf_dtype(x)
+  if kind is Kind.CARRY or not is_float(x):
+    return dtype
+  return jnp.issubdtype(dtype, jnp.complexfloating)
 
 
 def describe(tree: Any, *, stacked: bool) -> list[list[Any]]:

@@ -49,3 +49,15 @@ def same_memory_as(x: Any, like: Any) -> Any:
   if space is None or space == jax.typeof(x).memory_space:
     return x
   return jax.device_put(x, space)
+
+
+def placed_like(x: Any, like: Any) -> Any:
+  """`x` where `like` is: with its sharding and memory kind when both are
+  concrete arrays; under `jit`, in its memory space (XLA propagates the
+  sharding from the operands)."""
+  concrete = not isinstance(x, jax.core.Tracer)
+  if concrete and isinstance(like, jax.Array) and not isinstance(
+      like, jax.core.Tracer
+  ):
+    return jax.device_put(x, like.sharding)
+  return same_memory_as(x, like)

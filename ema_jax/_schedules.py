@@ -309,11 +309,33 @@ def power_decay(
   )
 
 
-def half_life_decay(half_life: float) -> DecaySchedule:
-  """A constant decay `0.5 ** (1 / half_life)`: a step's weight halves every `half_life` steps.
+def half_life_decay(
+    half_life: float,
+    *,
+    batch_size: float = 1,
+    rampup_ratio: float | None = None,
+) -> DecaySchedule:
+  """A decay by half-life: a step's weight halves every `half_life` steps or samples.
+
+  With the default `batch_size=1` the half-life is in optimizer steps and the
+  decay is the constant `0.5 ** (1 / half_life)`. With a `batch_size`, it is
+  in samples (images, tokens: EDM's `ema_halflife_kimg * 1000`), and the decay
+  is `0.5 ** (batch_size / half_life)`, so changing the batch size keeps the
+  horizon in samples. With `rampup_ratio` (EDM's `ema_rampup_ratio`, 0.05 in
+  EDM) the half-life at averaged step `k` is capped to `k * batch_size *
+  rampup_ratio`, the samples seen before that step times the ratio: EDM's
+  training loop, `h = min(half_life, cur_nimg * rampup_ratio)` and
+  `decay = 0.5 ** (batch_size / max(h, 1e-8))` with `cur_nimg = k *
+  batch_size`. Its first averaged update (`k = 0`) copies the params.
 
   Args:
-    half_life: in optimizer steps, positive.
+    half_life: in optimizer steps (`batch_size=1`) or in samples, positive.
+    batch_size: the samples in one optimizer step, positive.
+    rampup_ratio: `None` for a constant decay, or the ratio of the half-life
+      to the samples seen so far during the ramp, positive.
+
+  Precision: the weight `1 - decay` is `-expm1(-log(2) * batch_size / h)`, exact
+  to float precision for half-lives of any length.
 
   Returns:
     A schedule `count -> decay`.
@@ -322,11 +344,148 @@ def half_life_decay(half_life: float) -> DecaySchedule:
     >>> import ema_jax
     >>> round(float(ema_jax.half_life_decay(693.1)(0)), 6)
     0.999
+    >>> edm = ema_jax.half_life_decay(500_000, batch_size=512, rampup_ratio=0.05)
+    >>> [round(float(edm(k)), 4) for k in (0, 1, 100, 100_000)]
+    [0.0, 0.0, 0.8706, 0.9993]
   """
   half_life = _checks.positive_float("half_life", half_life)
-  weight = -math.expm1(-math.log(2.0) / half_life)
+  batch_size = _checks.positive_float("batch_size", batch_size)
+  name = f"half_life_decay({half_life!r}"
+  if batch_size != 1:
+    name += f", batch_size={batch_size!r}"
+  if rampup_ratio is None:
+    weight = -math.expm1(-math.log(2.0) * batch_size / half_life)
+    return DecaySchedule(
+        lambda count: _constant(1.0 - weight, count),
+        lambda count: _constant(weight, count),
+        name + ")",
+    )
+  rampup_ratio = _checks.positive_float("rampup_ratio", rampup_ratio)
+
+  def log_decay(count: jax.Array) -> jax.Array:
+    seen = _float(count) * batch_size  # EDM's `cur_nimg`: samples before this step
+    h = jnp.maximum(jnp.minimum(half_life, seen * rampup_ratio), 1e-8)
+    return -math.log(2.0) * batch_size / h
+
   return DecaySchedule(
-      lambda count: _constant(1.0 - weight, count),
-      lambda count: _constant(weight, count),
-      f"half_life_decay({half_life!r})",
+      lambda count: jnp.exp(log_decay(count)),
+      lambda count: -jnp.expm1(log_decay(count)),
+      name + f", rampup_ratio={rampup_ratio!r})",
+  )
+
+
+def cosine_decay(start: float, end: float = 1.0, *, steps: int) -> DecaySchedule:
+  """BYOL's and DINO's cosine momentum: from `start` at step 0 to `end` at `steps`.
+
+  `end - (end - start) * (cos(pi * min(k, steps) / steps) + 1) / 2` at
+  averaged step `k`: BYOL's target momentum `1 - (1 - tau_base) * (cos(pi k /
+  K) + 1) / 2` with `start=tau_base` (0.996 in BYOL and DINO), `end=1` and
+  `steps=K`, the number of training steps. After `steps` it stays at `end`.
+
+  Args:
+    start: the decay at step 0, in [0, 1].
+    end: the decay from step `steps` on, in [0, 1].
+    steps: the length of the cosine, in averaged steps, a positive int.
+
+  Precision: the weight `1 - decay` is computed as `(1 - end) + (end - start) *
+  sin(pi (steps - k) / (2 steps)) ** 2`, with no cancellation as the decay
+  nears 1.
+
+  Returns:
+    A schedule `count -> decay`.
+
+  Examples:
+    >>> import ema_jax
+    >>> schedule = ema_jax.cosine_decay(0.996, steps=1000)
+    >>> [round(float(schedule(k)), 4) for k in (0, 500, 1000, 5000)]
+    [0.996, 0.998, 1.0, 1.0]
+  """
+  start = _checks.unit_float("start", start)
+  end = _checks.unit_float("end", end)
+  steps = _checks.integer("steps", steps, 1)
+  rest = 1.0 - end  # in float64
+
+  def share(count: jax.Array) -> jax.Array:
+    # (cos(pi x) + 1) / 2 = sin(pi (1 - x) / 2) ** 2: no cancellation near x = 1.
+    left = _float(steps - jnp.minimum(jnp.maximum(count, 0), steps))
+    return jnp.sin((math.pi / (2 * steps)) * left) ** 2
+
+  return DecaySchedule(
+      lambda count: end - (end - start) * share(count),
+      lambda count: rest + (end - start) * share(count),
+      f"cosine_decay({start!r}, {end!r}, steps={steps!r})",
+  )
+
+
+def uniform_decay() -> DecaySchedule:
+  """The running mean of the averaged params: SWA and Polyak averaging.
+
+  The decay `k / (k + 1)` at averaged step `k` (weight `1 / (k + 1)`) makes the
+  average the plain mean of the params after every averaged update: with
+  `ema(uniform_decay(), start_step=s)`, the mean of the params after updates
+  `s + 1, ..., n` (torch's `swa_utils.AveragedModel` from step `s`). With
+  `update_every=c` it is the mean of the params after every `c`-th update.
+
+  Returns:
+    A schedule `count -> decay`, 0 at `count=0`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax
+    >>> tx = optax.chain(optax.sgd(1.0), ema_jax.ema(ema_jax.uniform_decay()))
+    >>> params = jnp.array([0.0])
+    >>> state = tx.init(params)
+    >>> for g in (-3.0, -3.0, -3.0):  # params 3, 6, 9
+    ...   updates, state = tx.update(jnp.array([g]), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> ema_jax.ema_params(state)
+    Array([6.], dtype=float32)
+  """
+
+  def schedule(count: jax.Array) -> jax.Array:
+    k = _float(count)
+    return k / (k + 1.0)
+
+  def complement(count: jax.Array) -> jax.Array:
+    return 1.0 / (_float(count) + 1.0)
+
+  return DecaySchedule(schedule, complement, "uniform_decay()")
+
+
+def scale_decay(decay: Decay, factor: float) -> DecaySchedule:
+  """`decay ** factor`: the EMA scaling rule for a batch size scaled by `factor`.
+
+  Busbridge et al. (2023) keep the dynamics of a model EMA when the batch size
+  (and the learning rate with it) is scaled by `factor` by raising the decay
+  to that power: `decay ** factor`, the decay over `factor` steps. `decay` may
+  be a float or a schedule; a schedule is scaled at every step.
+
+  Args:
+    decay: a decay in [0, 1], or a schedule (as `ema`'s `decay`).
+    factor: the batch-size scale, positive (2 for twice the batch size).
+
+  Precision: the weight is `-expm1(factor * log1p(-w))` from the schedule's
+  own weight `w = 1 - decay`, so it keeps the precision of `w`.
+
+  Returns:
+    A schedule `count -> decay ** factor`.
+
+  Examples:
+    >>> import ema_jax
+    >>> schedule = ema_jax.scale_decay(0.999, 4)
+    >>> round(float(schedule(0)), 6)  # 0.999 ** 4
+    0.996006
+    >>> round(float(ema_jax.scale_decay(ema_jax.power_decay(gamma=7.0), 2)(9)), 4)
+    0.1853
+  """
+  schedule = as_schedule(decay)
+  factor = _checks.positive_float("factor", factor)
+  weight = weight_fn(schedule)
+
+  def log_decay(count: jax.Array) -> jax.Array:
+    return factor * jnp.log1p(-jnp.asarray(weight(count)))
+
+  return DecaySchedule(
+      lambda count: jnp.exp(log_decay(count)),
+      lambda count: -jnp.expm1(log_decay(count)),
+      f"scale_decay({schedule!r}, {factor!r})",
   )

@@ -1,19 +1,21 @@
-"""Reading the EMA out of an optimizer state, and swapping it with the params.
+"""Reading the EMA out of an optimizer state, swapping it with the params,
+blending it into them, and resetting it to them.
 
 For every state kind (single or multi, plain or swapped, masked or inside
 `optax.masked` / `optax.multi_transform`), through one alignment of the state
-with the params.
+with the params (`_align`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ema_jax import _checks
+from ema_jax import _engine
 from ema_jax import _leaves
 from ema_jax import _memory
 from ema_jax import _state
@@ -40,11 +42,52 @@ def _index(found: _state.AnyEmaState, index: Any) -> int | None:
   return _checks.index(index, n)
 
 
+class _Leaf(NamedTuple):
+  path: Sequence[Any]
+  param: Any
+  stored: Any  # what the state holds for it
+  kind: Kind
+
+
+class _Aligned(NamedTuple):
+  which: int
+  found: _state.AnyEmaState
+  treedef: Any  # the params'
+  leaves: list[_Leaf]
+  num_averages: int | None  # for a multi-EMA state
+  what: str  # the state's name in messages
+
+
+def _align(params: Any, state: Any, which: int | None) -> _Aligned:
+  """The EMA state in `state`, its leaves aligned with `params` and checked.
+
+  The one alignment of every function that takes params and a state: the
+  structure, each leaf's shape and its kind of number are checked, and a
+  mismatch names the leaf's path.
+  """
+  which, found = _state.find(state, which)
+  multi = _state.is_multi(found)
+  what = "multi-EMA state" if multi else "EMA state"
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  stored = _leaves.flatten_like(treedef, found.ema, what)
+  n = _state.num_averages(found) if multi else None
+  leaves = []
+  for (path, p), e in zip(flat, stored):
+    kind = _leaves.stored_kind(e)
+    _leaves.check_stored(
+        path, p, e, kind, what, num_averages=n, number_kind=True
+    )
+    leaves.append(_Leaf(path, p, e, kind))
+  return _Aligned(which, found, treedef, leaves, n, what)
+
+
 def _pick(stored: Any, index: int | None) -> Any:
   """One leaf of the average: slot `index` of a stacked leaf, else as stored."""
   if index is None or _leaves.stored_kind(stored) is not Kind.AVERAGE:
     return stored
-  return stored[index]
+  # A static slice: `stored[index]` gathers with an index array in device
+  # memory, which fails for an average kept in host memory.
+  return jax.lax.index_in_dim(stored, index, keepdims=False)
 
 
 def ema_params(
@@ -178,12 +221,8 @@ def swap(
     Array([0.], dtype=float32)
   """
   memory_kind = _checks.memory_kind(memory_kind)
-  which, found = _state.find(state, which)
+  which, found, treedef, leaves, _, what = _align(params, state, which)
   multi = _state.is_multi(found)
-  what = "multi-EMA state" if multi else "EMA state"
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  stored = _leaves.flatten_like(treedef, found.ema, what)
-  n = _state.num_averages(found) if multi else None
   swapped = isinstance(found, _state.SWAPPED_TYPES)
   if swapped:
     if index is not None:
@@ -200,9 +239,7 @@ def swap(
 
   out: list[Any] = []
   raw: list[Any] = []
-  for k, ((path, p), e) in enumerate(zip(flat, stored)):
-    kind = _leaves.stored_kind(e)
-    _leaves.check_stored(path, p, e, kind, what, num_averages=n)
+  for k, (_, p, e, kind) in enumerate(leaves):
     if kind is Kind.SKIP:
       out.append(p)
       raw.append(e)  # the state's placeholder: None or optax.MaskedNode
@@ -233,3 +270,125 @@ def swap(
         found.debias_norm, found.rounding_key,
     )
   return jax.tree.unflatten(treedef, out), _state.replace(state, which, new)
+
+
+def blend(
+    params: optax.Params,
+    opt_state: optax.OptState,
+    alpha: float,
+    *,
+    which: int | None = None,
+    index: int | None = None,
+) -> optax.Params:
+  """The params moved toward their EMA: `alpha * ema + (1 - alpha) * params`.
+
+  Writing the EMA back into the params: Switch EMA, Keras'
+  `ema_overwrite_frequency` and ema-pytorch's `update_model_with_ema_every`
+  (`alpha=1` every N steps; ema-pytorch's `update_model_with_ema_beta=b` is
+  `alpha=1 - b`), or a one-time blend of the EMA into the final weights.
+  The result has the params' dtype, sharding and memory kind; it is exactly
+  the params at `alpha=0` and exactly the EMA cast to their dtype at
+  `alpha=1`, computed in float32 or wider in between. Leaves the EMA carries
+  (integer, boolean, keys) or does not cover (`mask`) are the params' own.
+  The state is not changed; the optimizer's own state (Adam's moments) is
+  not either. Jittable: `alpha` and `index` are Python numbers, static
+  under `jit`; to blend on some steps only, select with `jax.lax.cond`.
+
+  Args:
+    params: the params, a tree like the ones the EMA was initialised with.
+    opt_state: an EMA state or any optax state holding one, not swapped.
+    alpha: the weight of the EMA, a float in [0, 1].
+    which: with several EMA states in `opt_state`, the index of the one to use.
+    index: for a `multi_ema` state, which of its averages to blend in.
+
+  Returns:
+    The blended params, a tree like `params`.
+
+  Raises:
+    ValueError: `alpha` outside [0, 1]; a swapped state; `params` whose
+      structure, shapes or kinds of number differ from the state's (the
+      message names the leaf); `index` missing, out of range or given for a
+      single EMA.
+    TypeError: `alpha` not a real number; `index` not a Python int.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax
+    >>> tx = optax.chain(optax.sgd(1.0), ema_jax.ema(0.5))
+    >>> params = jnp.array([0.0])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.array([-4.0]), state, params)
+    >>> params = optax.apply_updates(params, updates)  # 4; the EMA is 2
+    >>> ema_jax.blend(params, state, 0.25)  # 0.25 * 2 + 0.75 * 4
+    Array([3.5], dtype=float32)
+    >>> ema_jax.blend(params, state, 1.0)  # write the EMA back
+    Array([2.], dtype=float32)
+  """
+  alpha = _checks.unit_float(
+      "alpha", alpha,
+      "`alpha` is the weight of the EMA: 0 keeps the params, 1 writes the EMA "
+      "into them.",
+  )
+  _, found, treedef, leaves, _, _ = _align(params, opt_state, which)
+  _checks.not_swapped(found, "`blend`")
+  i = _index(found, index)
+  weight = jnp.asarray(alpha)
+  out = []
+  for _, p, e, kind in leaves:
+    if kind is Kind.AVERAGE and alpha > 0:
+      ema_leaf = _memory.same_memory_as(_pick(e, i), p)
+      # One EMA step of the params toward the EMA, with weight `alpha`.
+      p = _engine.average_leaf(jnp.asarray(p), ema_leaf, weight)
+    out.append(p)
+  return jax.tree.unflatten(treedef, out)
+
+
+def reset(
+    opt_state: optax.OptState,
+    params: optax.Params,
+    *,
+    which: int | None = None,
+) -> optax.OptState:
+  """The state with its average restarted from `params`.
+
+  Every average (all of a `multi_ema` state's) becomes a copy of `params` in
+  its own dtype, with its sharding and memory kind; carried leaves take the
+  params' values; the count, the rest of the EMA state and every other
+  optimizer state are unchanged, so schedules continue where they were (with
+  `debias=True` the normaliser too: the restarted average counts as having
+  the weight gathered so far). Use it to restart an EMA, or to start a
+  teacher apart from the student: BYOL initialises its target network from
+  another seed.
+
+  Args:
+    opt_state: an EMA state or any optax state holding one, not swapped.
+    params: the new average, a tree with the structure, shapes and kinds of
+      number of the params the state was made for (an averaged leaf may be
+      any float dtype: it is cast to the average's dtype; a carried leaf must
+      have the params' dtype).
+    which: with several EMA states in `opt_state`, the index of the one to reset.
+
+  Returns:
+    `opt_state` with the average replaced.
+
+  Raises:
+    ValueError: a swapped state, or `params` whose structure, shapes or kinds
+      of number differ from the state's (the message names the leaf).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, ema_jax
+    >>> tx = optax.chain(optax.sgd(1.0), ema_jax.ema(0.9))
+    >>> state = tx.init(jnp.zeros(2, jnp.bfloat16))
+    >>> state = ema_jax.reset(state, jnp.array([1.0, 2.0], jnp.bfloat16))
+    >>> ema_jax.ema_params(state)  # float32, the average's dtype
+    Array([1., 2.], dtype=float32)
+  """
+  which, found, treedef, leaves, n, _ = _align(params, opt_state, which)
+  _checks.not_swapped(found, "`reset`")
+  ema = []
+  for _, p, e, kind in leaves:
+    if kind is not Kind.SKIP:
+      start = _engine.start_leaf(p, kind, _leaves.leaf_dtype(e), n)
+      e = _memory.placed_like(start, e)
+    ema.append(e)
+  new = found._replace(ema=jax.tree.unflatten(treedef, ema))
+  return _state.replace(opt_state, which, new)

@@ -1,4 +1,4 @@
-"""The notebooks and the demo run from a clean checkout, so they never rot."""
+"""The notebooks and the examples run from a clean checkout, so they never rot."""
 
 from __future__ import annotations
 
@@ -70,19 +70,24 @@ def test_notebook_runs(name, monkeypatch):
     assert len(images) == 2  # the decay schedule and the accuracy curves
 
 
-@pytest.mark.slow
-def test_demo_runs(tmp_path):
-  out = tmp_path / "demo_output"
+def _run_example(name: str, *args: str, cwd) -> subprocess.CompletedProcess:
   result = subprocess.run(
-      [sys.executable, str(ROOT / "examples" / "demo.py"), "--epochs", "1",
-       "--out", str(out)],
+      [sys.executable, str(ROOT / "examples" / name), *args],
       capture_output=True,
       text=True,
       timeout=300,
       env=_env(),
-      cwd=tmp_path,
+      cwd=cwd,
   )
   assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path):
+  out = tmp_path / "demo_output"
+  result = _run_example("demo.py", "--epochs", "1", "--out", str(out),
+                        cwd=tmp_path)
   lines = result.stdout.splitlines()
   header = lines.index(
       next(l for l in lines if l.split() == ["epoch", "raw", "acc", "EMA", "acc"])
@@ -95,3 +100,22 @@ def test_demo_runs(tmp_path):
   assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (out / "ema_weights").is_dir()
   assert "training" in result.stderr  # the progress bar
+
+
+def test_mean_teacher_smoke(tmp_path):
+  out = tmp_path / "out"
+  result = _run_example("mean_teacher.py", "--smoke", "--out", str(out),
+                        cwd=tmp_path)
+  lines = result.stdout.splitlines()
+  header = lines.index(
+      next(l for l in lines if l.split() == ["epoch", "student", "teacher"])
+  )
+  rows = [l.split() for l in lines[header + 1 : header + 3]]
+  assert [row[0] for row in rows] == ["1", "2"]
+  for row in rows:
+    assert all(0.0 <= float(v) <= 1.0 for v in row[1:])
+  # About 10% of the training labels are used, as many of every class.
+  assert lines[0].startswith("labels of 125 of the 1257 training images used")
+  assert any(l.startswith("epochs 2-2, mean test accuracy") for l in lines)
+  assert f"plot: {out / 'mean_teacher.png'}" in result.stdout
+  assert (out / "mean_teacher.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

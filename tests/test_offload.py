@@ -385,3 +385,17 @@ def memory_table():
 
 if __name__ == "__main__":
   memory_table()
+
+
+def test_multi_ema_average_read_from_host_memory():
+  # Picking average i of a stacked host-memory leaf is a static slice: an
+  # indexed gather would put the index in device memory and fail eagerly.
+  mesh = make_mesh()
+  params = make_params(mesh)
+  state = ema_jax.multi_ema([0.5, 0.9], memory_kind=HOST).init(params)
+  for read in (ema_jax.ema_params,
+               jax.jit(ema_jax.ema_params, static_argnames="index")):
+    ema = read(state, index=1)
+    assert_placed(ema, params, HOST)
+    assert_bitwise_equal(ema, jax.tree.map(
+        lambda p: p.astype(jnp.float32) if p.dtype == BF16 else p, params))

@@ -48,6 +48,30 @@ CASES = {
     ),
     "half_life": (ema_jax.half_life_decay(100.0),
                   lambda: np.full(STEPS.shape, 0.5 ** (1 / 100.0))),
+    "half_life_samples": (
+        ema_jax.half_life_decay(20_000.0, batch_size=256),
+        lambda: np.full(STEPS.shape, 0.5 ** (256 / 20_000.0)),
+    ),
+    "half_life_edm_rampup": (  # EDM: h = min(H, cur_nimg r), cur_nimg = k B
+        ema_jax.half_life_decay(500_000.0, batch_size=512, rampup_ratio=0.05),
+        lambda: 0.5 ** (512 / np.maximum(
+            np.minimum(500_000.0, STEPS * 512.0 * 0.05), 1e-8)),
+    ),
+    "cosine_byol": (  # BYOL: 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2
+        ema_jax.cosine_decay(0.996, steps=1000),
+        lambda: 1 - (1 - 0.996) * (np.cos(np.pi * np.minimum(STEPS, 1000)
+                                          / 1000) + 1) / 2,
+    ),
+    "cosine_end": (
+        ema_jax.cosine_decay(0.5, 0.99, steps=150),
+        lambda: 0.99 - (0.99 - 0.5) * (np.cos(np.pi * np.minimum(STEPS, 150)
+                                              / 150) + 1) / 2,
+    ),
+    "uniform": (ema_jax.uniform_decay(), lambda: STEPS / (STEPS + 1.0)),
+    "scale_constant": (ema_jax.scale_decay(0.999, 4),
+                       lambda: np.full(STEPS.shape, 0.999**4)),
+    "scale_power": (ema_jax.scale_decay(ema_jax.power_decay(gamma=6.94), 0.5),
+                    lambda: np_power(6.94) ** 0.5),
 }
 
 
@@ -97,7 +121,9 @@ def test_schedule_values(name):
 
 def test_schedules_in_float64():
   with jax.enable_x64(True):
-    for name in ("tf_dynamic", "warmup_custom", "power_gamma"):
+    for name in ("tf_dynamic", "warmup_custom", "power_gamma",
+                 "half_life_edm_rampup", "cosine_byol", "uniform",
+                 "scale_power"):
       schedule, expected = CASES[name]
       got = np.asarray(jax.jit(jax.vmap(schedule))(jnp.asarray(STEPS)))
       assert got.dtype == np.float64
@@ -210,6 +236,27 @@ def test_power_decay_from_sigma_rel_equals_from_gamma():
         (lambda: ema_jax.half_life_decay(-3.0), ValueError, r"`half_life`"),
         (lambda: ema_jax.half_life_decay(math.nan), ValueError,
          r"`half_life`"),
+        (lambda: ema_jax.half_life_decay(10.0, batch_size=0), ValueError,
+         r"`batch_size`"),
+        (lambda: ema_jax.half_life_decay(10.0, batch_size="64"), TypeError,
+         r"`batch_size`"),
+        (lambda: ema_jax.half_life_decay(10.0, rampup_ratio=-0.05),
+         ValueError, r"`rampup_ratio`"),
+        (lambda: ema_jax.half_life_decay(10.0, rampup_ratio=math.inf),
+         ValueError, r"`rampup_ratio`"),
+        (lambda: ema_jax.cosine_decay(0.996, steps=0), ValueError, r"`steps`"),
+        (lambda: ema_jax.cosine_decay(0.996, steps=10.5), TypeError,
+         r"`steps`"),
+        (lambda: ema_jax.cosine_decay(1.2, steps=10), ValueError, r"`start`"),
+        (lambda: ema_jax.cosine_decay(0.9, -1.0, steps=10), ValueError,
+         r"`end`"),
+        (lambda: ema_jax.cosine_decay("0.9", steps=10), TypeError, r"`start`"),
+        (lambda: ema_jax.scale_decay(0.99, 0), ValueError, r"`factor`"),
+        (lambda: ema_jax.scale_decay(0.99, -2.0), ValueError, r"`factor`"),
+        (lambda: ema_jax.scale_decay(0.99, None), TypeError, r"`factor`"),
+        (lambda: ema_jax.scale_decay(1.5, 2.0), ValueError, r"`decay`"),
+        (lambda: ema_jax.scale_decay(lambda k: jnp.full((), 2.0), 2.0),
+         ValueError, r"`decay` schedule returns 2.0"),
     ],
 )
 def test_validation_errors(make, error, pattern):
