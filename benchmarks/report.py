@@ -1,4 +1,4 @@
-"""Markdown tables from a benchmarks/run.py JSON file, for the README.
+"""Markdown tables from a benchmarks/run.py JSON file, for docs/benchmarks.md.
 
   python benchmarks/report.py benchmarks/results/bench-full-....json
 

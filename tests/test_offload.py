@@ -5,7 +5,7 @@ placement, the in-step transfers and the memory accounting are checked here on
 the 8 CPU devices of conftest.py, sharded on a 2x4 mesh.
 
 Run as a script (`python tests/test_offload.py`) it prints the memory table of
-the README's "Scaling out" section.
+docs/sharding.md.
 """
 
 from __future__ import annotations
@@ -357,7 +357,7 @@ def test_orbax_round_trip_keeps_host_placement_and_key(tmp_path):
 
 
 def memory_table():
-  """The README table: per-parameter bytes, from XLA's analysis of a step."""
+  """The docs/sharding.md table: per-parameter bytes, from XLA's analysis of a step."""
   mesh = make_mesh()
   f32 = {k: v for k, v in make_params(mesh, scale=8).items() if k not in ("step", "emb")}
   bf16 = jax.tree.map(lambda x: x.astype(BF16), f32)

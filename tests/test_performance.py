@@ -6,7 +6,7 @@
   `optax.apply_updates` give, and what an independent float64 formula gives.
 * The benchmark's smoke mode runs and writes the JSON it promises.
 
-No test asserts a time: the figures live in the README's Performance section.
+No test asserts a time: the figures live in docs/benchmarks.md.
 """
 
 from __future__ import annotations
