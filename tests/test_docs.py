@@ -39,3 +39,23 @@ def test_public_name_has_doctested_example(qualname, obj):
   doc = inspect.getdoc(obj) or ""
   assert doc, f"{qualname} has no docstring"
   assert ">>>" in doc, f"{qualname}'s docstring has no doctest example"
+
+
+def test_every_public_name_has_an_api_page_entry():
+  """docs/api.md documents each public name, itself or through its module."""
+  import pathlib
+
+  api = pathlib.Path(__file__).resolve().parent.parent / "docs" / "api.md"
+  entries = {
+      line.removeprefix(":::").strip()
+      for line in api.read_text().splitlines() if line.startswith(":::")
+  }
+  missing = [
+      f"{module.__name__}.{name}"
+      for module in MODULES
+      for name in module.__all__
+      if not inspect.ismodule(getattr(module, name))
+      and f"{module.__name__}.{name}" not in entries
+      and module.__name__ not in entries  # a module entry renders its members
+  ]
+  assert not missing, f"not in docs/api.md: {missing}"
