@@ -72,6 +72,14 @@ DECAY_HINT = (
 
 def unit_float(name: str, value: Any, hint: str = DECAY_HINT) -> float:
   """A real number in [0, 1] given as a Python or NumPy number."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"`{name}` is traced (inside `jax.jit`, or injected by "
+        "`optax.inject_hyperparams`), but it must be known when the "
+        f"transformation is built. To change `{name}` during training, pass a "
+        "schedule of the step count instead (a function of the count, e.g. "
+        "`optax.linear_schedule(...)`, or `ema_jax.warmup_decay(...)`)."
+    )
   if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(
       value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)
   ) or isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:

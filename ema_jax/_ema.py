@@ -48,8 +48,10 @@ def ema(
   are not stored at all (`None` in the average) and `swap` leaves them alone.
 
   Non-finite values: the average of a NaN or inf is NaN or inf, and it stays
-  so while it decays (a copy, e.g. during `start_step`, clears it). Chain
-  `optax.apply_if_finite` before the optimizer to skip such updates.
+  so while it decays (a copy, e.g. during `start_step`, clears it). To skip
+  such updates, wrap the whole chain, EMA included:
+  `optax.apply_if_finite(optax.chain(opt, ema), max_consecutive_errors)`
+  (wrapping the optimizer alone still moves the EMA on a skipped step).
 
   Args:
     decay: the weight of the old average, a float in [0, 1] or a schedule (a
