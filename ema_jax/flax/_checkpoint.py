@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.training import train_state
 
 from ema_jax.flax import _hook
 from ema_jax.flax import _linen
 from ema_jax.flax import _nnx
 from ema_jax.flax import _restore
 from ema_jax.flax import _target
+
+if TYPE_CHECKING:
+  from orbax.checkpoint import CheckpointManager
+
+State = TypeVar("State", bound=train_state.TrainState)
 
 
 def _fill(values: dict[str, Any], fresh: dict[str, Any]) -> None:
@@ -22,15 +28,15 @@ def _fill(values: dict[str, Any], fresh: dict[str, Any]) -> None:
     values.setdefault(name, value)
 
 
-def _nnx_item(model: nnx.Module, optimizer: Any) -> dict[str, Any]:
+def _nnx_item(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
   return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
 
 
 def save_checkpoint(
-    manager: Any,
+    manager: CheckpointManager,
     step: int,
-    target: Any,
-    optimizer: Any = None,
+    target: train_state.TrainState | nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
     **kwargs: Any,
 ) -> bool:
   """Save a training state with an `orbax.checkpoint.CheckpointManager`.
@@ -69,22 +75,45 @@ def save_checkpoint(
   """
   import orbax.checkpoint as ocp
 
+  item: Any = target
   if _target.is_nnx(target, optimizer):
-    item = _nnx_item(target, optimizer)
-  else:
-    item = target
+    item = _nnx_item(cast(nnx.Module, target), cast(nnx.Optimizer, optimizer))
   return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
 
 
+@overload
 def restore_checkpoint(
-    manager: Any,
-    target: Any,
-    optimizer: Any = None,
+    manager: CheckpointManager,
+    target: State,
+    optimizer: None = None,
     *,
     step: int | None = None,
     which: int | None = None,
     missing_ema: _restore.MissingEma = "error",
-) -> Any:
+) -> State: ...
+
+
+@overload
+def restore_checkpoint(
+    manager: CheckpointManager,
+    target: nnx.Module,
+    optimizer: nnx.Optimizer,
+    *,
+    step: int | None = None,
+    which: int | None = None,
+    missing_ema: _restore.MissingEma = "error",
+) -> None: ...
+
+
+def restore_checkpoint(
+    manager: CheckpointManager,
+    target: train_state.TrainState | nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
+    *,
+    step: int | None = None,
+    which: int | None = None,
+    missing_ema: _restore.MissingEma = "error",
+) -> train_state.TrainState | None:
   """Restore a training state, checked by name, with the raw weights in the model.
 
   The checkpoint's leaves (names, shapes, dtypes, read from its metadata) are
@@ -168,10 +197,12 @@ def restore_checkpoint(
   saved = _restore.saved_specs(saved_tree)
 
   nnx_target = _target.is_nnx(target, optimizer)
+  # Narrowed by `is_nnx`: an NNX model with its optimizer, or a Linen state.
+  model, nnx_optimizer = cast(nnx.Module, target), cast(nnx.Optimizer, optimizer)
   if nnx_target:
-    _target.set_form(target, optimizer, which, ema_in=False)
-    item: Any = _nnx_item(target, optimizer)
-    layout = _nnx.layout(optimizer)
+    _target.set_form(model, nnx_optimizer, which, ema_in=False)
+    item: Any = _nnx_item(model, nnx_optimizer)
+    layout = _nnx.layout(nnx_optimizer)
   else:
     item = _target.set_form(target, None, which, ema_in=False)
     layout = _linen.layout(item)
@@ -200,11 +231,11 @@ def restore_checkpoint(
       _fill(values, _linen.fresh_ema(rebuilt()))
     return rebuilt()
   if len(values) < len(template):
-    nnx.update(target, rebuilt()["model"])
-    _fill(values, _nnx.fresh_ema(target, optimizer))
+    nnx.update(model, rebuilt()["model"])
+    _fill(values, _nnx.fresh_ema(model, nnx_optimizer))
   restored = rebuilt()
-  nnx.update(target, restored["model"])
-  nnx.update(optimizer, restored["optimizer"])
+  nnx.update(model, restored["model"])
+  nnx.update(nnx_optimizer, restored["optimizer"])
   return None
 
 
@@ -214,14 +245,36 @@ def _copy(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+@overload
 def export_ema(
-    target: Any,
-    optimizer: Any = None,
+    target: train_state.TrainState,
+    optimizer: None = None,
     *,
     which: int | None = None,
     index: int | None = None,
     directory: str | os.PathLike[str] | None = None,
-) -> Any:
+) -> dict[str, Any]: ...
+
+
+@overload
+def export_ema(
+    target: nnx.Module,
+    optimizer: nnx.Optimizer,
+    *,
+    which: int | None = None,
+    index: int | None = None,
+    directory: str | os.PathLike[str] | None = None,
+) -> nnx.Module: ...
+
+
+def export_ema(
+    target: train_state.TrainState | nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
+    *,
+    which: int | None = None,
+    index: int | None = None,
+    directory: str | os.PathLike[str] | None = None,
+) -> dict[str, Any] | nnx.Module:
   """The EMA weights alone, ready for inference (and written to disk if asked).
 
   The counterpart of Keras' `finalize_variable_values` and TensorFlow Addons'
@@ -252,6 +305,7 @@ def export_ema(
     >>> ema_jax.flax.export_ema(state)
     {'params': {'w': Array([1.], dtype=float32)}}
   """
+  exported: Any
   if _target.is_nnx(target, optimizer):
     with _hook.ema_weights(target, optimizer, which=which, index=index):
       graphdef, state = nnx.split(target)
