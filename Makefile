@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo docs bench bench-smoke typecheck clean
+.PHONY: test demo docs bench bench-smoke bench-models gpu-bench typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ bench: $(STAMP)
 
 bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/run.py --smoke
+
+# Real models (transformer LM, ResNet-style CNN; Linen, NNX, Keras): ~15 min on 2 cores.
+bench-models: $(STAMP)
+	$(BIN)/python benchmarks/models.py
+
+# On a GPU machine: every GPU figure of docs/benchmarks.md, under 8 minutes.
+gpu-bench: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu.sh
 
 clean:
 	rm -rf $(VENV) build dist site *.egg-info
