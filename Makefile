@@ -32,7 +32,7 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/run.py --smoke
 
-# Real models (transformer LM, ResNet-style CNN; Linen, NNX, Keras): ~15 min on 2 cores.
+# Real models (transformer LM, ResNet-style CNN; Linen, NNX, Keras): ~30 min on 2 busy cores.
 bench-models: $(STAMP)
 	$(BIN)/python benchmarks/models.py
 

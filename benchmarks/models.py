@@ -423,6 +423,12 @@ def nnx_eval_cases(model: str, cfg: dict[str, Any]) -> list[Case]:
     with ema_jax.flax.ema_weights(net, opt):
       return evaluate(net, x)
 
+  def with_manager_cached() -> Any:
+    # The swap writes into the model's own Variables, so a cached partial
+    # (graph walked once) evaluates whatever is in them.
+    with ema_jax.flax.ema_weights(net, opt):
+      return cached(x)
+
   def round_trip() -> Any:
     with ema_jax.flax.ema_weights(net, opt):
       pass
@@ -438,6 +444,7 @@ def nnx_eval_cases(model: str, cfg: dict[str, Any]) -> list[Case]:
       Case("plain eval (nnx.cached_partial)", lambda: lambda: cached(x), 0.0),
       Case("hook (on_test_begin/end)", lambda: with_hook, 0.0),
       Case("context manager", lambda: with_manager, 0.0),
+      Case("context manager + nnx.cached_partial eval", lambda: with_manager_cached, 0.0),
       Case("swap inside the jitted eval", lambda: lambda: evaluate_swapped(net, opt, x), 0.0),
       Case("nnx.EMA view (apply_to)", lambda: lambda: evaluate(ema_view, x), 0.0),
       Case("round trip alone: ema_weights enter + exit", lambda: round_trip, 0.0),
