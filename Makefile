@@ -6,7 +6,7 @@ VENV ?= .venv
 DEMO_VENV ?= .venv-demo
 BIN := $(VENV)/bin
 
-.PHONY: test demo docs bench bench-smoke typecheck clean
+.PHONY: test demo docs bench bench-smoke bench-models gpu-bench typecheck clean
 
 # $(call install,DIR,EXTRAS): a virtual environment in DIR with ema_jax[EXTRAS], editable.
 define install
@@ -41,6 +41,14 @@ bench: $(VENV)/.installed
 
 bench-smoke: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py --smoke
+
+# Real models (transformer LM, ResNet-style CNN; Linen, NNX, Keras): ~30 min on 2 busy cores.
+bench-models: $(STAMP)
+	$(BIN)/python benchmarks/models.py
+
+# On a GPU machine: every GPU figure of docs/benchmarks.md, under 8 minutes.
+gpu-bench: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) build dist site *.egg-info

@@ -1,6 +1,8 @@
-"""Markdown tables from a benchmarks/run.py JSON file, for docs/benchmarks.md.
+"""Markdown tables from a benchmarks/run.py JSON file (for docs/benchmarks.md) or a
+benchmarks/models.py one (for docs/benchmarks.md).
 
   python benchmarks/report.py benchmarks/results/bench-full-....json
+  python benchmarks/report.py benchmarks/results/models-full-....json
 
 Figures are rounded against ema_jax: its times up, its GB/s down, the
 overheads of its train steps up; other libraries' figures to 3 digits.
@@ -98,6 +100,34 @@ def step_table(report: dict[str, Any]) -> str:
   return "\n".join(out)
 
 
+def models_tables(report: dict[str, Any]) -> str:
+  """One table per (model, framework): median (quartiles), ratio, dispatch."""
+  out = []
+  groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for r in report["records"]:
+    groups.setdefault((r["model"], r["framework"]), []).append(r)
+  for (model, framework), recs in groups.items():
+    info = report["models"][model]
+    base = next((r.get("baseline") for r in recs if r.get("baseline")), None)
+    out.append(f"\n**{model}, {framework}** ({info['params']:,} params in "
+               f"{info['param_leaves']} leaves){f': ratio to {base}' if base else ''}\n")
+    out.append("```text")
+    w = max(len(r["case"]) for r in recs) + 2
+    out.append(f"{'case'.ljust(w)}{'median':>10}{'p25-p75':>20}{'ratio':>8}{'dispatch':>10}")
+    for r in recs:
+      if "median_s" not in r:
+        out.append(f"{r['case'].ljust(w)}skipped: {r['skipped']}")
+        continue
+      ours = "ema" in r["case"] or "hook" in r["case"] or "swap" in r["case"] or "context" in r["case"]
+      ratio = f"{_sig(r['ratio'], 3, 'up' if ours else 'nearest'):.2f}x" if "ratio" in r else ""
+      quart = f"{_time(r['p25_s'], False)}-{_time(r['p75_s'], False)}"
+      disp = _time(r["dispatch_s"], ours) if "dispatch_s" in r else ""
+      out.append(f"{r['case'].ljust(w)}{_time(r['median_s'], ours):>10}{quart:>20}"
+                 f"{ratio:>8}{disp:>10}")
+    out.append("```")
+  return "\n".join(out)
+
+
 def main() -> None:
   with open(sys.argv[1]) as f:
     report = json.load(f)
@@ -107,6 +137,9 @@ def main() -> None:
         f"{m['load_average_at_start'][0]:.1f} at start, "
         f"{m['load_average_at_end'][0]:.1f} at end.")
   print("Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
+  if "records" in report:
+    print(models_tables(report))
+    return
   print(ema_tables(report))
   print(step_table(report))
 

@@ -21,14 +21,8 @@ benchmarks/results/ (git-ignored) or `--out`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib
-import json
 import os
-import platform
-import random
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -42,179 +36,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import ema_jax  # noqa: E402
-from ema_jax import _ema  # noqa: E402
+from ema_jax import _engine  # noqa: E402
+from harness import Case, finish, run_group, start, summary, threaded  # noqa: E402
+from harness import fmt_time as _fmt_time  # noqa: E402
 
 DECAY = 0.999
 EVERY = 4  # update_every in the train-step section
 MANY_LEAVES = 200
 FULL_SIZES = (10**5, 10**6, 10**7, 10**8)
 SMOKE_SIZES = (10**3,)
-
-
-# --------------------------------------------------------------------------
-# Machine and versions
-
-
-def _read(path: str) -> str:
-  try:
-    with open(path) as f:
-      return f.read()
-  except OSError:
-    return ""
-
-
-def _cpu_model() -> str:
-  for line in _read("/proc/cpuinfo").splitlines():
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor() or platform.machine()
-
-
-def _meminfo_bytes(key: str) -> int | None:
-  for line in _read("/proc/meminfo").splitlines():
-    if line.startswith(key + ":"):
-      return int(line.split()[1]) * 1024
-  return None
-
-
-def _version(module: str) -> str | None:
-  try:
-    return importlib.import_module(module).__version__
-  except Exception:  # absent or broken: reported as missing, never fatal
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-  device = jax.devices()[0]
-  info: dict[str, Any] = {
-      "cpu_model": _cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "memory_total_bytes": _meminfo_bytes("MemTotal"),
-      "memory_available_bytes": _meminfo_bytes("MemAvailable"),
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "jax_backend": jax.default_backend(),
-      "device": f"{device.platform}: {device.device_kind}",
-      "device_count": jax.device_count(),
-      "load_average_at_start": list(os.getloadavg()),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and "bytes_limit" in stats:
-    info["device_memory_bytes"] = stats["bytes_limit"]
-  return info
-
-
-def versions() -> dict[str, str | None]:
-  return {
-      m: _version(m)
-      for m in ("jax", "jaxlib", "optax", "flax", "keras", "torch", "numpy", "ema_jax")
-  }
-
-
-def _available_bytes() -> int:
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    stats = device.memory_stats() or {}
-    if "bytes_limit" in stats:
-      return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-  return _meminfo_bytes("MemAvailable") or 1 << 62
-
-
-# --------------------------------------------------------------------------
-# Timing
-
-
-class Case:
-  """One way to do the work: `make()` returns a zero-argument `run` that does
-  one update (keeping its own state) and returns something to block on."""
-
-  def __init__(
-      self,
-      name: str,
-      make: Callable[[], Callable[[], Any]],
-      nbytes: float,
-      *,
-      note: str = "",
-      footprint: float = 0.0,
-      sync: Callable[[Any], Any] = jax.block_until_ready,
-      before: Callable[[], Any] | None = None,
-      steps_per_call: int = 1,
-  ):
-    self.name, self.make, self.nbytes, self.note = name, make, nbytes, note
-    self.footprint, self.sync, self.before = footprint, sync, before
-    self.steps_per_call = steps_per_call  # times are reported per step
-    self.samples: list[float] = []
-    self.skipped: str | None = None
-    self.run: Callable[[], Any] | None = None
-    self.reps = 1
-
-
-def _time_once(case: Case) -> float:
-  assert case.run is not None
-  if case.before is not None:
-    case.before()
-  # One untimed call first, so that a sample measures the steady state of
-  # this case and not the caches, TLB or threads the previous case left.
-  case.sync(case.run())
-  t0 = time.perf_counter()
-  out = None
-  for _ in range(case.reps):
-    out = case.run()
-  case.sync(out)
-  return (time.perf_counter() - t0) / (case.reps * case.steps_per_call)
-
-
-def run_group(cases: list[Case], rounds: int, min_sample_s: float) -> None:
-  """Set up, warm up and calibrate every case, then time in interleaved rounds."""
-  for case in cases:
-    if case.skipped:
-      continue
-    if case.footprint > 0.6 * _available_bytes():
-      case.skipped = (
-          f"needs ~{case.footprint / 2**30:.1f} GiB, more than 60% of the "
-          f"{_available_bytes() / 2**30:.1f} GiB available"
-      )
-      continue
-    try:
-      case.run = case.make()
-      case.sync(case.run())  # compile
-      case.sync(case.run())
-      one = _time_once(case)
-      case.reps = max(1, min(1000, int(min_sample_s / max(one, 1e-7))))
-    except Exception as e:  # a comparator that fails is reported, not fatal
-      case.skipped = f"failed: {type(e).__name__}: {str(e)[:200]}"
-      case.run = None
-  live = [c for c in cases if c.run is not None]
-  # A new order every round: a fixed or merely rotated order would always put
-  # the same case after the same (possibly memory-hungry) neighbour.
-  rng = random.Random(0)
-  for _ in range(rounds):
-    for case in rng.sample(live, len(live)):
-      case.samples.append(_time_once(case))
-  for case in cases:  # free the state before the next group
-    case.run = None
-  gc.collect()
-
-
-def summary(case: Case) -> dict[str, Any]:
-  out: dict[str, Any] = {"name": case.name, "note": case.note, "bytes": case.nbytes}
-  if case.skipped or not case.samples:
-    out["skipped"] = case.skipped or "no samples"
-    return out
-  med = statistics.median(case.samples)
-  q = statistics.quantiles(case.samples, n=4) if len(case.samples) > 1 else [med] * 3
-  out.update(
-      median_s=med,
-      p25_s=q[0],
-      p75_s=q[2],
-      min_s=min(case.samples),
-      max_s=max(case.samples),
-      samples_s=case.samples,
-      reps_per_sample=case.reps,
-      gb_per_s=case.nbytes / med / 1e9,
-  )
-  return out
 
 
 # --------------------------------------------------------------------------
@@ -242,17 +72,6 @@ def _copy(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def _threaded(step: Callable[..., Any], state: Any, *args: Any) -> Callable[[], Any]:
-  """A runner that feeds each call's result back in as the next call's state."""
-  box = [state]
-
-  def run() -> Any:
-    box[0] = step(box[0], *args)
-    return box[0]
-
-  return run
-
-
 # --------------------------------------------------------------------------
 # Section 1: the standalone EMA update
 
@@ -274,7 +93,7 @@ def _ema_cases(
     no_updates = jax.tree.map(lambda _: None, params)
     # `None` updates: the params are already updated, only the average moves.
     step = jax.jit(lambda s, p: tx.update(no_updates, s, p)[1], donate_argnums=0)
-    return _threaded(step, tx.init(params), params)
+    return threaded(step, tx.init(params), params)
 
   cases.append(
       Case("ema_jax ema().update (jit, donated)", ema_jax_update, nbytes,
@@ -287,7 +106,7 @@ def _ema_cases(
           lambda e, p: d * e + (1 - d) * p.astype(e.dtype), e, p
       )
 
-    return _threaded(jax.jit(kernel, donate_argnums=0), _f32(params), params)
+    return threaded(jax.jit(kernel, donate_argnums=0), _f32(params), params)
 
   cases.append(
       Case("(a) plain elementwise kernel (jit, donated)", plain_kernel, nbytes,
@@ -301,7 +120,7 @@ def _ema_cases(
           lambda e, p: optax.incremental_update(p, e, 1 - d),
           donate_argnums=0 if donate else (),
       )
-      return _threaded(step, _f32(params), params)
+      return threaded(step, _f32(params), params)
 
     cases.append(
         Case(
@@ -314,7 +133,7 @@ def _ema_cases(
     def update(e: Any, p: Any) -> Any:
       return jax.tree.map(lambda e, p: d * e + (1 - d) * p, e, p)
 
-    return _threaded(update, _f32(params), params)
+    return threaded(update, _f32(params), params)
 
   cases.append(
       Case("(c) jax.tree.map, not jitted", eager_tree_map, nbytes,
@@ -368,7 +187,7 @@ def _ema_cases(
       return [scope.get_current_value(v) for v in opt.variables]
 
     step = jax.jit(update, donate_argnums=0)
-    return _threaded(
+    return threaded(
         step,
         [jnp.ones((), v.dtype) if v is opt.iterations else v.value
          for v in opt.variables],
@@ -433,7 +252,7 @@ def _ema_cases(
         return d * flat + (1 - d) * cat
 
       flat = jnp.concatenate([x.astype(jnp.float32) for x in params.values()])
-      return _threaded(jax.jit(kernel, donate_argnums=0), flat, params)
+      return threaded(jax.jit(kernel, donate_argnums=0), flat, params)
 
     cases.append(
         Case("prototype: one flat float32 buffer (jit, donated)", flat_buffer,
@@ -543,16 +362,16 @@ def _step_cases(
     def make(step: Any = step, init: Any = init, name: str = name) -> Callable[[], Any]:
       state = init()
       box = [_copy(params), state]
-      restore = _ema._materialize
+      restore = _engine._materialize
       try:
         if "barrier off" in name:
-          _ema._materialize = lambda x: x
+          _engine._materialize = lambda x: x
           # A new function, so that jit traces it again rather than reusing
           # the trace of the step with the barrier.
           step = (lambda f: lambda *a: f(*a))(step)
         compiled = compile_step(step, box[0], box[1], grads)
       finally:
-        _ema._materialize = restore
+        _engine._materialize = restore
       compiled_steps[name] = compiled
 
       def run() -> Any:
@@ -598,14 +417,6 @@ def _xla_bytes_and_temps(
 
 # --------------------------------------------------------------------------
 # Output
-
-
-def _fmt_time(s: float) -> str:
-  if s >= 1:
-    return f"{s:.3g} s"
-  if s >= 1e-3:
-    return f"{s * 1e3:.3g} ms"
-  return f"{s * 1e6:.3g} us"
 
 
 def _fmt_size(n: int) -> str:
@@ -758,22 +569,12 @@ def main(argv: list[str] | None = None) -> int:
   sections = set(args.sections.split(","))
 
   started = time.time()
-  report: dict[str, Any] = {
-      "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      "mode": "smoke" if args.smoke else "full",
-      "machine": machine_info(),
-      "versions": versions(),
-      "settings": {"decay": DECAY, "rounds": rounds, "min_sample_s": min_sample_s,
-                   "sizes": sizes, "many_leaves": many},
-      "ema": [],
-      "step": [],
-  }
-  m = report["machine"]
-  print(f"# ema_jax benchmark ({report['mode']})")
-  print(f"machine: {m['cpu_model']}, {m['cpu_count']} cores, "
-        f"{(m['memory_total_bytes'] or 0) / 2**30:.1f} GiB; device {m['device']}; "
-        f"load average at start {m['load_average_at_start'][0]:.2f}")
-  print("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+  report = start(
+      "ema_jax benchmark", args.smoke,
+      {"decay": DECAY, "rounds": rounds, "min_sample_s": min_sample_s,
+       "sizes": sizes, "many_leaves": many},
+      ema=[], step=[],
+  )
 
   if "ema" in sections:
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -837,20 +638,7 @@ def main(argv: list[str] | None = None) -> int:
   if jax.default_backend() == "gpu" and not args.peak_gbs:
     print("GPU: pass --peak-gbs=<the card's bandwidth> to report the fraction of peak.")
 
-  report["machine"]["load_average_at_end"] = list(os.getloadavg())
-  report["elapsed_s"] = time.time() - started
-  out = args.out or os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results",
-      f"bench-{report['mode']}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json",
-  )
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(report, f, indent=1)
-  print(f"\nload average at end {report['machine']['load_average_at_end'][0]:.2f}; "
-        f"{report['elapsed_s']:.0f} s")
-  print(f"JSON written to {out}")
-  return 0
-
+  return finish(report, started, args.out, "bench")
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -50,10 +50,14 @@ class DecaySchedule:
     1e-07
   """
 
-  def __init__(self, decay: Schedule, weight: Schedule, name: str):
+  def __init__(
+      self, decay: Schedule, weight: Schedule, name: str, *, constant: bool = False
+  ):
     self._decay = decay
     self._weight = weight
     self._name = name
+    # The same decay at every count: the engine may fold it into the update.
+    self.constant = constant
 
   def __call__(self, count: Any) -> jax.Array:
     return self._decay(count)
@@ -116,6 +120,7 @@ def constant_decay(decay: float) -> DecaySchedule:
       lambda count: _constant(decay, count),
       lambda count: _constant(weight, count),
       f"constant_decay({decay!r})",
+      constant=True,
   )
 
 

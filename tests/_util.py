@@ -1,7 +1,13 @@
-"""Helpers shared by the tests: bitwise tree comparison and leaf predicates."""
+"""Helpers shared by the tests: bitwise tree comparison, leaf predicates, and
+running a benchmark script in smoke mode."""
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -44,3 +50,19 @@ def assert_bitwise_equal(x: Any, y: Any) -> None:
       assert a is None and b is None
       continue
     assert bits(a) == bits(b)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_smoke(script: str, out: pathlib.Path, timeout: int = 600) -> tuple[dict[str, Any], str]:
+  """Run `benchmarks/<script> --smoke --out <out>` as `make` does (no
+  XLA_FLAGS); the JSON report it wrote and its stdout."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+  )
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  assert f"JSON written to {out}" in result.stdout
+  return json.loads(out.read_text()), result.stdout

@@ -390,6 +390,56 @@ def test_nnx_model_with_rngs_and_batch_stats_round_trip():
   assert step.traces == traces
 
 
+def _variables(tree):
+  return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+ADAMW_TX = optax.chain(optax.adamw(0.1), ema_jax.ema(0.5))
+
+
+@pytest.mark.standard_promotion  # optax.adamw is not strict-clean
+@pytest.mark.parametrize("tied", [False, True], ids=["pytree", "shared-variable"])
+def test_nnx_round_trip_touches_only_the_ema_state(monkeypatch, tied):
+  # The swap's host cost must not grow with the rest of the optimizer state:
+  # Adam's moments are neither read into new containers nor written.
+  model = Net(nnx.Rngs(0, dropout=1))
+  if tied:  # a Variable held twice: read through `nnx.state` instead
+    model.tied = model.out
+  optimizer = nnx.Optimizer(model, ADAMW_TX, wrt=nnx.Param)
+  for i in range(2):
+    optimizer.update(model, nnx.grad(net_loss)(model, X * (i + 1)))
+  adam = _variables(optimizer.opt_state[0])
+  adam_values = [v.get_raw_value() for v in adam]
+  ema_state = optimizer.opt_state[1]
+  kept = _variables((ema_state.count, ema_state.ema))
+  params = _variables(nnx.state(model, nnx.Param))
+  before = nnx.state(model)
+  written = []
+  set_value = nnx.Variable.set_value
+
+  def counting(self, *args, **kwargs):
+    written.append(self)
+    return set_value(self, *args, **kwargs)
+
+  monkeypatch.setattr(nnx.Variable, "set_value", counting)
+  with ema_jax.flax.ema_weights(model, optimizer):
+    assert ema_jax.flax.is_swapped(optimizer)
+  hook = ema_jax.flax.SwapEMAWeights()
+  hook.on_test_begin(model, optimizer)
+  hook.on_test_end(model, optimizer)
+
+  # Only the model's params were written, each once per toggle.
+  assert len(written) == 4 * len(params)
+  assert {id(v) for v in written} == {id(v) for v in params}
+  # Adam's moments: the same Variables, holding the same arrays.
+  assert all(a is b for a, b in zip(_variables(optimizer.opt_state[0]), adam))
+  assert all(v.get_raw_value() is x for v, x in zip(adam, adam_values))
+  # The EMA's own count and average keep their Variables (no recompile).
+  back = optimizer.opt_state[1]
+  assert all(a is b for a, b in zip(_variables((back.count, back.ema)), kept))
+  assert_bitwise(nnx.state(model), before)
+
+
 def test_nnx_context_manager_swaps_back_on_error():
   model, optimizer, _ = nnx_setup()
   before = nnx.state(model)

@@ -11,11 +11,6 @@ No test asserts a time: the figures live in docs/benchmarks.md.
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 from typing import Any
 
 import jax
@@ -25,10 +20,10 @@ import optax
 import pytest
 
 import ema_jax
+from _util import run_smoke
 from ema_jax import _engine
 
 N = 2**20  # ~1e6 elements, as the issue asks
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPTIMIZERS = {"sgd": lambda: optax.sgd(1e-3), "adam": lambda: optax.adam(1e-3)}
 
 
@@ -273,15 +268,7 @@ def test_fused_errors_name_the_problem():
 
 
 def test_benchmark_smoke_mode_runs(tmp_path):
-  out = tmp_path / "bench.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as `make bench-smoke`
-  result = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-  )
-  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-  assert f"JSON written to {out}" in result.stdout
-  report = json.loads(out.read_text())
+  report, _ = run_smoke("run.py", tmp_path / "bench.json", timeout=180)
   machine = report["machine"]
   assert machine["cpu_count"] >= 1 and machine["cpu_model"]
   assert report["versions"]["jax"] == jax.__version__

@@ -277,8 +277,9 @@ def ema_weights(
   if not _target.is_nnx(target, optimizer):
     yield _target.set_form(target, optimizer, which, ema_in=True, index=index)
     return
-  entered_swapped = _target.swapped(optimizer, which)
-  _target.set_form(target, optimizer, which, ema_in=True, index=index)
+  entered_swapped = _target.set_form_in_place(
+      target, optimizer, which, ema_in=True, index=index
+  )
   try:
     yield target
   finally:

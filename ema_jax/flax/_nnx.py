@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import optax
 from flax import nnx
+from flax.nnx import filterlib
 from flax.nnx.training.optimizer import to_opt_state
 
 import ema_jax
@@ -171,14 +172,59 @@ def _stats_parts(optimizer: Any) -> tuple[Any, Any]:
   return getattr(optimizer, "stats_ema", None), getattr(optimizer, "stats_wrt", None)
 
 
-def swapped(optimizer: Any, which: int | None) -> bool:
-  """Whether the model has the EMA in; checks the statistics' EMA agrees."""
+def _is_state_or_variable(x: Any) -> bool:
+  return _state.is_state(x) or isinstance(x, nnx.Variable)
+
+
+class _Located(NamedTuple):
+  """The optimizer state cut at its Variables and EMA states, read once."""
+
+  leaves: list[Any]  # Variables, and EMA states (holding Variables)
+  treedef: Any
+  position: int  # of the EMA state in `leaves`
+
+  @property
+  def state(self) -> Any:
+    return self.leaves[self.position]
+
+
+def _locate(optimizer: Any, which: int | None) -> _Located:
+  # The walk stops at every Variable: Adam's moments and the rest of the
+  # optimizer state are neither read nor rewritten, only the EMA state is.
+  opt_state = optimizer.opt_state
+  leaves, treedef = jax.tree.flatten(opt_state, is_leaf=_is_state_or_variable)
+  found = [i for i, x in enumerate(leaves) if _state.is_state(x)]
+  if which is None and len(found) == 1:
+    return _Located(leaves, treedef, found[0])
+  if type(which) is int and 0 <= which < len(found):
+    return _Located(leaves, treedef, found[which])
+  _state.find(opt_state, which)  # raises the error that names the problem
+  raise AssertionError("unreachable: `find` accepted what `_locate` refused")
+
+
+def _current_form(optimizer: Any, which: int | None) -> tuple[_Located, bool]:
+  """The EMA state and whether it is swapped in; checks the statistics agree."""
   _check_optimizer(optimizer)
-  result = ema_jax.is_swapped(optimizer.opt_state, which=which)
+  located = _locate(optimizer, which)
+  result = isinstance(located.state, _state.SWAPPED_TYPES)
   stats_ema, _ = _stats_parts(optimizer)
   if stats_ema is not None:
     _form.check_same_form(result, stats_ema, "optimizer.stats_ema")
-  return result
+  return located, result
+
+
+def swapped(optimizer: Any, which: int | None) -> bool:
+  """Whether the model has the EMA in; checks the statistics' EMA agrees."""
+  return _current_form(optimizer, which)[1]
+
+
+class _Plan(NamedTuple):
+  """One swap, computed before anything changes."""
+
+  variables: list[Any]  # the model's own Variables, in `values` order
+  values: list[Any]
+  old_state: Any  # holding Variables
+  new_state: Any  # pure
 
 
 def _plan(
@@ -186,69 +232,150 @@ def _plan(
     optimizer: Any,
     wrt: Any,
     state: Any,
-    which: int | None,
     index: int | None = None,
-) -> tuple[Any, Any]:
-  current = nnx.as_pure(nnx.state(model, wrt, **_graph_kw(optimizer)))
-  return ema_jax.swap(current, nnx.as_pure(state), which=which, index=index)
+) -> _Plan:
+  # The model's own Variables are read once, and the swapped values written
+  # into them directly, with no second walk of the model. A model whose
+  # pytree holds its `wrt` Variables once each is read as a pytree (about a
+  # fifth of `nnx.state`'s graph walk); any other, or one that does not match
+  # the EMA that way, through `nnx.state`, which also raises the errors.
+  _, pure_state = _pure(state)
+  by_pytree = _pytree_state(model, wrt)
+  if by_pytree is not None:
+    variables, pure_current = _pure(by_pytree)
+    try:
+      values, new_state = ema_jax.swap(pure_current, pure_state, index=index)
+    except ValueError:
+      pass
+    else:
+      return _Plan(variables, jax.tree.leaves(values), state, new_state)
+  current = nnx.state(model, wrt, **_graph_kw(optimizer))
+  variables, pure_current = _pure(current)
+  values, new_state = ema_jax.swap(pure_current, pure_state, index=index)
+  return _Plan(variables, jax.tree.leaves(values), state, new_state)
+
+
+def _path_key(key: Any) -> Any:
+  for name in ("name", "idx", "key"):  # GetAttrKey, SequenceKey, DictKey
+    if hasattr(key, name):
+      return getattr(key, name)
+  raise TypeError(f"unexpected pytree key {key!r}")
+
+
+def _pytree_state(model: nnx.Module, wrt: Any) -> Any:
+  """`nnx.state(model, wrt)` read as a pytree, or `None` where that is not the
+  same (a Variable held twice: `nnx.state` keeps one; a model that is no
+  pytree)."""
+  try:
+    flat, _ = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_variable)
+    predicate = filterlib.to_predicate(wrt)
+    found = {}
+    for path, leaf in flat:
+      if _is_variable(leaf):
+        keys = tuple(_path_key(k) for k in path)
+        if predicate(keys, leaf):
+          found[keys] = leaf
+  except (TypeError, RecursionError):  # not a pytree, or a cycle in the graph
+    return None
+  if len({id(v) for v in found.values()}) != len(found):
+    return None
+  return nnx.State.from_flat_path(found)
+
+
+_ARRAY = type(jax.numpy.zeros(()))
+
+
+def _pure(tree: Any) -> tuple[list[Any], Any]:
+  """The tree's Variables, and `nnx.as_pure(tree)`: a quick path for Variables
+  holding plain device arrays (no per-leaf type checks), `as_pure` otherwise."""
+  variables, treedef = jax.tree.flatten(tree, is_leaf=_is_variable)
+  raw = [v.get_raw_value() if _is_variable(v) else v for v in variables]
+  if all(type(x) is _ARRAY for x in raw):
+    return variables, jax.tree.unflatten(treedef, raw)
+  return variables, nnx.as_pure(tree)
+
+
+def _set_data(holder: Any, name: str, value: Any) -> None:
+  """`holder.<name> = nnx.data(value)` for an attribute that is data already.
+
+  `Pytree.__setattr__` checks every leaf of the new value for data/static
+  status: for `opt_state` that walks the whole optimizer state, Adam's
+  moments included, at every swap, though only the EMA's part changed and
+  the attribute's status cannot. Where this Flax keeps that status where we
+  can read it, the check is skipped; otherwise the public path runs.
+  """
+  nodes = getattr(holder, "_pytree__nodes", None)
+  if nodes is not None and nodes.get(name) is True:
+    object.__setattr__(holder, name, value)
+  else:
+    setattr(holder, name, nnx.data(value))
 
 
 def _rebuilt(state: Any, new_state: Any) -> Any:
-  # The state's Variables are kept (their metadata, e.g. sharding, too): only
-  # their values move, and the container is rebuilt with the other NamedTuple
-  # type, so a round trip leaves the graph as it was (no recompilation).
-  variables = jax.tree.leaves(state, is_leaf=_is_variable)
-  leaves, treedef = jax.tree.flatten(new_state)
-  treedef_: Any = treedef
-  if not all(map(_is_variable, variables)):
-    raise RuntimeError(
-        "ema_jax.flax: the optimizer state does not hold one Variable per "
-        "array; was it built by `nnx.Optimizer`?"
-    )
-  if len(variables) != len(leaves):
-    return _rebuilt_by_path(state, new_state)
-  for variable, leaf in zip(variables, leaves):
-    variable.set_value(leaf)
-  return treedef_.unflatten(variables)
+  # The state's Variables are kept (their metadata, e.g. sharding, too), field
+  # by field, and the container is rebuilt with the other NamedTuple type, so
+  # a round trip leaves the graph as it was (no recompilation). A field only
+  # one form has (`raw_params`, a multi-EMA's `index`) gets fresh
+  # optimizer-state Variables; the arrays that did not move (`count`, the
+  # average) are not written at all.
+  fields = {}
+  for name, new in zip(new_state._fields, new_state):
+    old = getattr(state, name) if name in state._fields else None
+    old_def: Any
+    variables, old_def = jax.tree.flatten(old, is_leaf=_is_variable)
+    leaves, new_def = jax.tree.flatten(new)
+    if not all(map(_is_variable, variables)):
+      raise RuntimeError(
+          "ema_jax.flax: the optimizer state does not hold one Variable per "
+          "array; was it built by `nnx.Optimizer`?"
+      )
+    if old is None or old_def != new_def:
+      fields[name] = to_opt_state(new)
+      continue
+    for variable, leaf in zip(variables, leaves):
+      if variable.get_raw_value() is not leaf:
+        variable.set_value(leaf)
+    fields[name] = jax.tree.unflatten(new_def, variables)
+  return type(new_state)(**fields)
 
 
-def _rebuilt_by_path(state: Any, new_state: Any) -> Any:
-  # A multi-EMA state gains leaves when swapped (`raw_params`, `index`) and
-  # loses them when swapped back. Leaves at the same path (`count`, `ema`)
-  # keep their Variables, so swapping back restores the original graph; the
-  # extra leaves get fresh optimizer-state Variables.
-  flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
-  by_path = {jax.tree_util.keystr(path): v for path, v in flat}
-  new_flat, treedef = jax.tree_util.tree_flatten_with_path(new_state)
-  out = []
-  for path, leaf in new_flat:
-    variable = by_path.get(jax.tree_util.keystr(path))
-    if variable is None:
-      variable = to_opt_state(leaf)
-    else:
-      variable.set_value(leaf)
-    out.append(variable)
-  return jax.tree.unflatten(treedef, out)
+def _commit(plan: _Plan) -> Any:
+  """Write the swapped values into the model; the new EMA state to hold."""
+  state = _rebuilt(plan.old_state, plan.new_state)
+  for variable, value in zip(plan.variables, plan.values):
+    if variable.get_raw_value() is not value:  # leaves the EMA skips stay
+      variable.set_value(value)
+  return state
 
 
-def toggle(
-    model: nnx.Module, optimizer: Any, which: int | None, index: int | None = None
-) -> None:
-  """Swap the model's params (and averaged stats) with their EMA in place."""
-  swapped(optimizer, which)
+def set_form(
+    model: nnx.Module,
+    optimizer: Any,
+    which: int | None,
+    ema_in: bool,
+    index: int | None = None,
+) -> bool:
+  """Put the EMA (`ema_in=True`) or the raw weights into the model in place.
+
+  Nothing happens if they are there already. Returns whether the EMA was in
+  before the call. The form is decided once, from the EMA state's type; only
+  the EMA's part of the optimizer state is read and written.
+  """
+  located, was_in = _current_form(optimizer, which)
+  if was_in == ema_in:
+    return was_in
   stats_ema, stats_wrt = _stats_parts(optimizer)
   # Every swap is computed before anything changes: an error (say, a model
   # that does not match the optimizer) leaves everything as it was.
-  values, state = _plan(
-      model, optimizer, optimizer.wrt, optimizer.opt_state, which, index
-  )
+  params = _plan(model, optimizer, optimizer.wrt, located.state, index)
   if stats_ema is not None:
-    stats_values, new_stats = _plan(model, optimizer, stats_wrt, stats_ema, None)
-  optimizer.opt_state = nnx.data(_rebuilt(optimizer.opt_state, state))
-  nnx.update(model, values)
+    stats = _plan(model, optimizer, stats_wrt, stats_ema)
+  leaves = list(located.leaves)
+  leaves[located.position] = _commit(params)
+  _set_data(optimizer, "opt_state", located.treedef.unflatten(leaves))
   if stats_ema is not None:
-    optimizer.stats_ema = nnx.data(_rebuilt(stats_ema, new_stats))
-    nnx.update(model, stats_values)
+    _set_data(optimizer, "stats_ema", _commit(stats))
+  return was_in
 
 
 def layout(optimizer: Any) -> list[tuple[str, str, Any]]:

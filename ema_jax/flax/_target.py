@@ -68,12 +68,23 @@ def set_form(
   needs none: the swapped state records it).
   """
   if is_nnx(target, optimizer):
-    if _nnx.swapped(optimizer, which) != ema_in:
-      _nnx.toggle(target, optimizer, which, index)
+    _nnx.set_form(target, optimizer, which, ema_in, index)
     return None
   if _linen.swapped(target, which) == ema_in:
     return target
   return _linen.toggle(target, which, index)
+
+
+def set_form_in_place(
+    model: Any,
+    optimizer: Any,
+    which: int | None,
+    ema_in: bool,
+    index: int | None = None,
+) -> bool:
+  """`set_form` for an NNX model; returns whether the EMA was in before."""
+  is_nnx(model, optimizer)
+  return _nnx.set_form(model, optimizer, which, ema_in, index)
 
 
 def unchanged(target: Any) -> Any:
