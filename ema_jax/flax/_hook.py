@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar, overload
+
+from flax import nnx
+from flax.training import train_state
 
 from ema_jax.flax import _target
+
+State = TypeVar("State", bound=train_state.TrainState)
 
 
 def is_swapped(target: Any, *, which: int | None = None) -> bool:
@@ -130,7 +135,17 @@ class SwapEMAWeights:
     self.which = which
     self.index = index
 
-  def on_epoch_begin(self, target: Any, optimizer: Any = None) -> Any:
+  @overload
+  def on_epoch_begin(self, target: State, optimizer: None = None) -> State: ...
+
+  @overload
+  def on_epoch_begin(self, target: nnx.Module, optimizer: nnx.Optimizer) -> None: ...
+
+  def on_epoch_begin(
+      self,
+      target: train_state.TrainState | nnx.Module,
+      optimizer: nnx.Optimizer | None = None,
+  ) -> train_state.TrainState | None:
     """With `swap_on_epoch=True`, put the raw weights back before training.
 
     Examples:
@@ -147,7 +162,17 @@ class SwapEMAWeights:
       return _target.unchanged(target)
     return _target.set_form(target, optimizer, self.which, ema_in=False, index=self.index)
 
-  def on_epoch_end(self, target: Any, optimizer: Any = None) -> Any:
+  @overload
+  def on_epoch_end(self, target: State, optimizer: None = None) -> State: ...
+
+  @overload
+  def on_epoch_end(self, target: nnx.Module, optimizer: nnx.Optimizer) -> None: ...
+
+  def on_epoch_end(
+      self,
+      target: train_state.TrainState | nnx.Module,
+      optimizer: nnx.Optimizer | None = None,
+  ) -> train_state.TrainState | None:
     """With `swap_on_epoch=True`, leave the EMA weights in the model.
 
     A checkpoint written after it holds the EMA weights as params.
@@ -167,7 +192,17 @@ class SwapEMAWeights:
       return _target.unchanged(target)
     return _target.set_form(target, optimizer, self.which, ema_in=True, index=self.index)
 
-  def on_test_begin(self, target: Any, optimizer: Any = None) -> Any:
+  @overload
+  def on_test_begin(self, target: State, optimizer: None = None) -> State: ...
+
+  @overload
+  def on_test_begin(self, target: nnx.Module, optimizer: nnx.Optimizer) -> None: ...
+
+  def on_test_begin(
+      self,
+      target: train_state.TrainState | nnx.Module,
+      optimizer: nnx.Optimizer | None = None,
+  ) -> train_state.TrainState | None:
     """Put the EMA weights in for evaluation (no-op if they are in).
 
     Examples:
@@ -182,7 +217,17 @@ class SwapEMAWeights:
     """
     return _target.set_form(target, optimizer, self.which, ema_in=True, index=self.index)
 
-  def on_test_end(self, target: Any, optimizer: Any = None) -> Any:
+  @overload
+  def on_test_end(self, target: State, optimizer: None = None) -> State: ...
+
+  @overload
+  def on_test_end(self, target: nnx.Module, optimizer: nnx.Optimizer) -> None: ...
+
+  def on_test_end(
+      self,
+      target: train_state.TrainState | nnx.Module,
+      optimizer: nnx.Optimizer | None = None,
+  ) -> train_state.TrainState | None:
     """Put the raw weights back after evaluation (no-op if they are in).
 
     Examples:
@@ -199,7 +244,17 @@ class SwapEMAWeights:
     """
     return _target.set_form(target, optimizer, self.which, ema_in=False, index=self.index)
 
-  def on_predict_begin(self, target: Any, optimizer: Any = None) -> Any:
+  @overload
+  def on_predict_begin(self, target: State, optimizer: None = None) -> State: ...
+
+  @overload
+  def on_predict_begin(self, target: nnx.Module, optimizer: nnx.Optimizer) -> None: ...
+
+  def on_predict_begin(
+      self,
+      target: train_state.TrainState | nnx.Module,
+      optimizer: nnx.Optimizer | None = None,
+  ) -> train_state.TrainState | None:
     """Put the EMA weights in for prediction (no-op if they are in).
 
     Examples:
@@ -213,7 +268,17 @@ class SwapEMAWeights:
     """
     return _target.set_form(target, optimizer, self.which, ema_in=True, index=self.index)
 
-  def on_predict_end(self, target: Any, optimizer: Any = None) -> Any:
+  @overload
+  def on_predict_end(self, target: State, optimizer: None = None) -> State: ...
+
+  @overload
+  def on_predict_end(self, target: nnx.Module, optimizer: nnx.Optimizer) -> None: ...
+
+  def on_predict_end(
+      self,
+      target: train_state.TrainState | nnx.Module,
+      optimizer: nnx.Optimizer | None = None,
+  ) -> train_state.TrainState | None:
     """Put the raw weights back after prediction (Keras forgets to).
 
     Examples:
@@ -237,8 +302,8 @@ class SwapEMAWeights:
 
 @contextlib.contextmanager
 def ema_weights(
-    target: Any,
-    optimizer: Any = None,
+    target: train_state.TrainState | nnx.Module,
+    optimizer: nnx.Optimizer | None = None,
     *,
     which: int | None = None,
     index: int | None = None,
