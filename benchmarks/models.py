@@ -478,7 +478,7 @@ def keras_train_cases(model: str, cfg: dict[str, Any]) -> list[Case]:
       h = L.ReLU()(L.BatchNormalization()(L.Conv2D(cfg["widths"][0], 3, padding="same")(inp)))
       for i, w in enumerate(cfg["widths"]):
         if i:
-          h = L.AveragePooling2D()(h)
+          h = L.AveragePooling2D(2)(h)
         for _ in range(cfg["blocks"]):
           r = L.ReLU()(L.BatchNormalization()(L.Conv2D(w, 3, padding="same")(h)))
           r = L.BatchNormalization()(L.Conv2D(w, 3, padding="same")(r))
