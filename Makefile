@@ -43,11 +43,11 @@ bench-smoke: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py --smoke
 
 # Real models (transformer LM, ResNet-style CNN; Linen, NNX, Keras): ~30 min on 2 busy cores.
-bench-models: $(STAMP)
+bench-models: $(VENV)/.installed
 	$(BIN)/python benchmarks/models.py
 
 # On a GPU machine: every GPU figure of docs/benchmarks.md, under 8 minutes.
-gpu-bench: $(STAMP)
+gpu-bench: $(VENV)/.installed
 	PYTHON=$(BIN)/python bash benchmarks/gpu.sh
 
 clean:
