@@ -63,7 +63,12 @@ def schedule_rule(
     # the run-time count, so XLA folds them into each leaf's loop (no per-
     # element select for a copy that never happens, no cond).
     active: Any = np.bool_(True)
-    weight: Any = np.stack([np.asarray(f(jnp.zeros((), jnp.int32)), dtype) for f in weights])
+    # Concrete even when the transformation is built inside a trace
+    # (`jax.eval_shape` of a template, a step that builds it under `jit`).
+    with jax.ensure_compile_time_eval():
+      weight: Any = np.stack(
+          [np.asarray(f(jnp.zeros((), jnp.int32)), dtype) for f in weights]
+      )
     folded = Step(active, weight)
     return lambda count: folded
 

@@ -23,6 +23,7 @@ import optax
 import pytest
 
 import ema_jax
+from _util import assert_bitwise_equal
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
@@ -742,3 +743,18 @@ def test_a_traced_decay_points_to_schedules():
   with pytest.raises(TypeError, match="schedule") as info:
     jax.jit(lambda s: tx.update(params, s, params))(state)
   assert "`decay`" in str(info.value) and "traced" in str(info.value)
+
+
+@pytest.mark.parametrize("decay", [0.9, ema_jax.constant_decay(0.9)], ids=["float", "schedule"])
+def test_built_inside_a_trace(decay):
+  # Templates for checkpoints are built under `jax.eval_shape`, and steps may
+  # build their transformation inside `jit`: building must not need concrete
+  # values, and what it builds must average as when built outside.
+  params = {"w": jnp.arange(3.0)}
+
+  def run(p):
+    tx = ema_jax.ema(decay)
+    return tx.update(p, tx.init(p), {"w": p["w"] + 1.0})[1].ema
+
+  jax.eval_shape(run, params)
+  assert_bitwise_equal(jax.jit(run)(params), run(params))
