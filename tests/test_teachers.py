@@ -406,7 +406,7 @@ def test_switch_ema_write_back_every_n_steps():
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-    count = optax.tree.get(state, "count")
+    count = optax.tree_utils.tree_get(state, "count")
     params = jax.lax.cond(count % N == 0,
                           lambda p: ema_jax.blend(p, state, 1.0),
                           lambda p: p, params)
