@@ -211,13 +211,9 @@ def restore_checkpoint(
            for a in _restore.averages(tree, prefix, root)]
   opt_prefix, _, opt_state = layout[0]
   suffix = ".value" if nnx_target else ""
-  opt_names = jax.tree.unflatten(
-      jax.tree.structure(opt_state),
-      list(_restore.named_leaves(opt_state, opt_prefix, suffix)),
-  )
   source = _restore.plan(
       saved, template, found,
-      _restore.without_ema(opt_names, opt_prefix, suffix),
+      _restore.without_ema(opt_state, opt_prefix, suffix),
       missing_ema, where,
   )
   values = _restore.read(manager, step, saved_tree, template, source)

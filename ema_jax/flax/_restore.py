@@ -118,12 +118,16 @@ def _strip(tree: Any) -> list[Any]:
   return out
 
 
-def without_ema(opt_state_names: Any, prefix: str, suffix: str) -> list[dict[str, str]]:
-  """For an optax state whose leaves are their template names: each way the
-  checkpoint of a run without the EMA names them (template -> saved name)."""
+def without_ema(opt_state: Any, prefix: str, suffix: str) -> list[dict[str, str]]:
+  """Each way the checkpoint of a run without the EMA names the leaves of
+  `opt_state` (template name -> saved name; both under `prefix`, `suffix`)."""
+  names = jax.tree.unflatten(
+      jax.tree.structure(opt_state),
+      list(named_leaves(opt_state, prefix, suffix)),
+  )  # the state's tree with each leaf replaced by its template name
   return [
       {tname: rel for rel, tname in named_leaves(c, prefix, suffix).items()}
-      for c in _strip(opt_state_names)
+      for c in _strip(names)
       if c is not None
   ]
 
