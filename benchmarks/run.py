@@ -13,6 +13,9 @@ Sections:
   step     a jitted train step (SGD, Adam) with the EMA over the step alone,
            beside the byte-count floor and the bytes XLA's program moves.
   memory   XLA's memory analysis of the donated steps: EMA-sized temporaries.
+  tree     the standalone update on a real tree (the transformer LM of
+           benchmarks/models.py: 70 leaves, median 128 elements) beside
+           `optax.incremental_update`, with the ratio paired within rounds.
 
 The table goes to stdout; the JSON (every sample, machine, versions) to
 benchmarks/results/ (git-ignored) or `--out`.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import os
 import sys
 import time
@@ -248,10 +252,10 @@ def _ema_cases(
       # The small-tree fast path, as a prototype: the average of all leaves in
       # one float32 buffer (the params stay separate leaves).
       def kernel(flat: jax.Array, p: Any) -> jax.Array:
-        cat = jnp.concatenate([x.astype(jnp.float32) for x in jax.tree.leaves(p)])
+        cat = jnp.concatenate([x.astype(jnp.float32).ravel() for x in jax.tree.leaves(p)])
         return d * flat + (1 - d) * cat
 
-      flat = jnp.concatenate([x.astype(jnp.float32) for x in params.values()])
+      flat = jnp.concatenate([x.astype(jnp.float32).ravel() for x in params.values()])
       return threaded(jax.jit(kernel, donate_argnums=0), flat, params)
 
     cases.append(
@@ -286,6 +290,100 @@ def _torch_sync(torch: Any) -> Callable[[Any], Any]:
 
   return sync
 
+
+
+# --------------------------------------------------------------------------
+# Section 1b: the standalone update on a real tree
+
+TREE_BASE = "(b) optax.incremental_update (jit, donated)"
+SMALL_LEAF = 4096  # the grouping prototype's threshold, in elements
+
+
+def real_tree(smoke: bool) -> dict[str, jax.Array]:
+  """The Linen transformer LM's params (benchmarks/models.py), one flat dict."""
+  import models
+
+  cfg = (models.SMOKE if smoke else models.FULL)["lm"]
+  x, _ = models.batch("lm", cfg)
+  tree = models.linen_model("lm", cfg).init(jax.random.PRNGKey(0), x)["params"]
+  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _tree_cases(params: dict[str, jax.Array]) -> list[Case]:
+  """`_ema_cases` on a real tree, and two ways to attribute the difference."""
+  n = sum(x.size for x in params.values())
+  cases = _ema_cases(params, n, len(params))
+  d, nbytes, state_fp = DECAY, n * 12, n * 4.0
+
+  def counted() -> Callable[[], Any]:
+    # What every stateful EMA carries (optax.ema, ema_jax): a step count.
+    def step(s: optax.EmaState, p: Any) -> optax.EmaState:
+      return optax.EmaState(optax.safe_increment(s.count),
+                            optax.incremental_update(p, s.ema, 1 - d))
+
+    state = optax.EmaState(jnp.zeros((), jnp.int32), _f32(params))
+    return threaded(jax.jit(step, donate_argnums=0), state, params)
+
+  cases.append(
+      Case("(b') optax.incremental_update + a count (optax.EmaState)", counted,
+           nbytes, note="the count every EMA state keeps", footprint=state_fp)
+  )
+
+  def grouped() -> Callable[[], Any]:
+    # Leaves below SMALL_LEAF elements averaged as one buffer, the state kept
+    # one array per leaf: concatenate, average, slice back.
+    small = [k for k, x in params.items() if x.size < SMALL_LEAF]
+
+    def step(e: Any, p: Any) -> Any:
+      out = {k: optax.incremental_update(p[k], e[k], 1 - d)
+             for k in e if k not in small}
+      if small:
+        flat = optax.incremental_update(
+            jnp.concatenate([p[k].ravel() for k in small]),
+            jnp.concatenate([e[k].ravel() for k in small]), 1 - d)
+        offsets = np.cumsum([0] + [e[k].size for k in small])
+        for k, a, b in zip(small, offsets[:-1], offsets[1:]):
+          out[k] = flat[a:b].reshape(e[k].shape)
+      return out
+
+    return threaded(jax.jit(step, donate_argnums=0), _f32(params), params)
+
+  cases.append(
+      Case(f"prototype: leaves < {SMALL_LEAF} grouped, update only (jit, donated)",
+           grouped, nbytes, note="not shipped", footprint=state_fp)
+  )
+  return cases
+
+
+def paired_ratios(cases: list[Case], base_name: str) -> dict[str, dict[str, float]]:
+  """Each case's time over the baseline's in the same round: median, quartiles.
+
+  Within a round the cases run back to back, so a ratio taken there cancels
+  the load that drifts between rounds (a shared machine's other jobs)."""
+  base = next(c for c in cases if c.name == base_name)
+  out = {}
+  for c in cases:
+    if c.samples and len(c.samples) == len(base.samples):
+      r = [a / b for a, b in zip(c.samples, base.samples)]
+      q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+      out[c.name] = {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
+  return out
+
+
+def print_tree_table(res: dict[str, Any]) -> None:
+  print(f"\n### Standalone update on a real tree ({res['leaves']} leaves, "
+        f"{res['n']:,} elements, median leaf {res['median_leaf']}): "
+        f"ratios to {TREE_BASE}")
+  print(f"{'case':66}{'median':>10}{'p25-p75':>22}{'ratio':>8}{'paired (p25-p75)':>24}")
+  for c in res["cases"]:
+    if "median_s" not in c:
+      print(f"{c['name']:66}  skipped: {c['skipped']}")
+      continue
+    pr = res["paired"].get(c["name"])
+    paired = f"{pr['median']:.3f} ({pr['p25']:.3f}-{pr['p75']:.3f})" if pr else ""
+    print(f"{c['name']:66}{_fmt_time(c['median_s']):>10}"
+          f"{_fmt_time(c['p25_s']) + '-' + _fmt_time(c['p75_s']):>22}"
+          f"{c['median_s'] / res['base_median_s']:>7.3f}x{paired:>24}")
 
 # --------------------------------------------------------------------------
 # Section 2: the train step
@@ -483,9 +581,23 @@ def print_step_table(results: list[dict[str, Any]]) -> None:
       print(f"{'':28}ablation, CPU barrier off: {cell(ab, 0).strip()}")
 
 
-def targets(ema_results: list[dict[str, Any]], step_results: list[dict[str, Any]], big: int) -> list[str]:
+def targets(
+    ema_results: list[dict[str, Any]],
+    step_results: list[dict[str, Any]],
+    tree_results: list[dict[str, Any]],
+    big: int,
+) -> list[str]:
   """The issue's targets, judged on this run's medians."""
   lines = []
+  for res in tree_results:
+    pr = res["paired"].get("ema_jax ema().update (jit, donated)")
+    if pr:
+      lines.append(
+          f"real tree ({res['leaves']} leaves): ema_jax {pr['median']:.3f}x "
+          f"optax.incremental_update, paired within rounds (quartiles "
+          f"{pr['p25']:.3f}-{pr['p75']:.3f}; target <= 1: "
+          f"{'met' if pr['median'] <= 1 else 'NOT met'})"
+      )
 
   def get(res: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((c for c in res["cases"] if c["name"] == name and "median_s" in c), None)
@@ -557,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rounds", type=int, help="interleaved rounds per group")
   parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
                       help="comma-separated element counts, e.g. 1e5,1e6")
-  parser.add_argument("--sections", default="ema,step", help="ema,step (default both)")
+  parser.add_argument("--sections", default="ema,step,tree",
+                      help="comma-separated: ema,step,tree (default all)")
   parser.add_argument("--peak-gbs", type=float, help="the device's memory bandwidth, GB/s")
   args = parser.parse_args(argv)
 
@@ -573,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
       "ema_jax benchmark", args.smoke,
       {"decay": DECAY, "rounds": rounds, "min_sample_s": min_sample_s,
        "sizes": sizes, "many_leaves": many},
-      ema=[], step=[],
+      ema=[], step=[], tree=[],
   )
 
   if "ema" in sections:
@@ -628,8 +741,28 @@ def main(argv: list[str] | None = None) -> int:
           "average, write them back); XLA bytes: the same ratio for the bytes XLA's "
           "compiled steps access (cost_analysis).")
 
+  if "tree" in sections:
+    params = real_tree(args.smoke)
+    cases = _tree_cases(params)
+    # Sub-millisecond samples: twice the rounds, for stable paired ratios.
+    run_group(cases, 2 * rounds, min_sample_s)
+    sizes_ = sorted(x.size for x in params.values())
+    res = {
+        "leaves": len(params), "n": sum(sizes_),
+        "median_leaf": int(np.median(sizes_)),
+        "load_average": list(os.getloadavg()),
+        "cases": [summary(c) for c in cases],
+        "paired": paired_ratios(cases, TREE_BASE),
+    }
+    res["base_median_s"] = next(
+        c["median_s"] for c in res["cases"] if c["name"] == TREE_BASE)
+    report["tree"].append(res)
+    print_tree_table(res)
+    del params, cases
+    gc.collect()
+
   # Tiny sizes say nothing about the targets: smoke mode only checks that it runs.
-  lines = [] if args.smoke else targets(report["ema"], report["step"], big)
+  lines = [] if args.smoke else targets(report["ema"], report["step"], report["tree"], big)
   report["targets"] = lines
   if lines:
     print("\n### Targets (this run)")

@@ -6,8 +6,13 @@ No test asserts a time: the measured tables live in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
-from _util import run_smoke
+from _util import ROOT, run_smoke
 
 
 def test_models_benchmark_smoke_mode_runs(tmp_path):
@@ -34,3 +39,22 @@ def test_models_benchmark_smoke_mode_runs(tmp_path):
       assert by_key[("cnn", framework, case)]["baseline"] == "plain eval"
   round_trip = by_key[("cnn", "nnx eval", "round trip alone: ema_weights enter + exit")]
   assert round_trip["baseline"].startswith("floor") and round_trip["ratio"] > 0
+
+
+def test_gpu_script_runs_every_step_in_smoke_mode(tmp_path):
+  # benchmarks/gpu.sh is for a GPU machine this project may not have: SMOKE=1
+  # runs each of its steps at tiny sizes here, so it stays runnable unchanged.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(SMOKE="1", PYTHON=sys.executable, OUT=str(tmp_path))
+  result = subprocess.run(
+      ["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=300,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "exit status 0" in result.stdout
+  run = json.loads((tmp_path / "run.json").read_text())
+  assert run["ema"] and run["tree"] and run["tree"][0]["paired"]
+  offload = json.loads((tmp_path / "offload.json").read_text())
+  assert [c["name"] for c in offload["cases"] if "median_s" in c] == [
+      "sgd + ema(memory_kind=None)", "sgd + ema(memory_kind='pinned_host')"]
+  assert json.loads((tmp_path / "models.json").read_text())["records"]

@@ -11,6 +11,7 @@ No test asserts a time: the figures live in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import jax
@@ -289,6 +290,13 @@ def test_benchmark_smoke_mode_runs(tmp_path):
     assert {"without EMA", "ema() in the chain", "apply_updates_and_average"} <= set(cases)
     assert all(x["temp_bytes"] < group["n"] for x in group["xla"].values())
   assert {g["optimizer"] for g in report["step"]} == {"sgd", "adam"}
+  (tree,) = report["tree"]  # the standalone update on the LM's real tree
+  base = "(b) optax.incremental_update (jit, donated)"
+  assert tree["paired"][base] == {"median": 1.0, "p25": 1.0, "p75": 1.0}
+  ratio = tree["paired"][ours]["median"]
+  samples = {c["name"]: c["samples_s"] for c in tree["cases"] if "samples_s" in c}
+  per_round = [a / b for a, b in zip(samples[ours], samples[base])]
+  assert ratio == pytest.approx(statistics.median(per_round))  # paired, per round
 
 
 def test_fused_update_refuses_a_concrete_decay_outside_unit_interval():
@@ -296,3 +304,44 @@ def test_fused_update_refuses_a_concrete_decay_outside_unit_interval():
     ema_jax.apply_updates_and_average(
         jnp.ones(2), jnp.ones(2), jnp.ones(2), jnp.float32(1.5)
     )
+
+
+# A constant decay (start_step=0, update_every=1) compiles to what
+# `optax.incremental_update` compiles to, plus the step count: the same bytes,
+# one loop per leaf, no conditional, no per-element copy select. The timed
+# comparison is benchmarks/run.py's `tree` section; this is its clock-free part.
+_TREE = {  # a transformer's kinds of leaves: matrices, 3-D kernels, small vectors
+    "embed": (512, 64), "pos": (32, 64), "scale": (64,), "bias": (256,),
+    "qkv": (64, 4, 16), "head_bias": (4, 16), "mlp": (64, 256),
+}
+
+
+def _compiled(f, *args):
+  return jax.jit(f, donate_argnums=0).lower(*args).compile()
+
+
+def _cost(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, list) else cost
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_constant_decay_compiles_to_incremental_update_plus_a_count(dtype):
+  params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in _TREE.items()}
+  tx = ema_jax.ema(0.999)
+  nothing = jax.tree.map(lambda _: None, params)
+  ours = _compiled(lambda s, p: tx.update(nothing, s, p)[1],
+                   jax.eval_shape(tx.init, params), params)
+  # ema_jax's default: a float32 average for float32 and bfloat16 params.
+  average = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in _TREE.items()}
+  theirs = _compiled(
+      lambda s, p: optax.EmaState(
+          optax.safe_increment(s.count),
+          jax.tree.map(lambda e, x: optax.incremental_update(x.astype(e.dtype), e, 1e-3),
+                       s.ema, p)),
+      optax.EmaState(jax.ShapeDtypeStruct((), jnp.int32), average), params)
+  hlo = ours.as_text()
+  assert "conditional" not in hlo
+  assert " select(" not in hlo.replace("s32[] select(", "")  # but the count's
+  assert hlo.count(" fusion(") == theirs.as_text().count(" fusion(") <= len(_TREE) + 1
+  assert _cost(ours)["bytes accessed"] == _cost(theirs)["bytes accessed"]
