@@ -10,11 +10,16 @@ minute). Two models, each in Flax Linen and NNX:
 Train steps (AdamW), one group per (model, framework), timed in interleaved
 rounds (benchmarks/harness.py): without EMA, with `ema()`, with
 `ema(update_every=4)`, with `average_stats` (CNN), beside `nnx.EMA`,
-`optax.incremental_update` by hand and Keras 3 `use_ema` (JAX backend); timm
-`ModelEmaV3` is listed as not implemented (PyTorch is not installed here). NNX runs in each pattern a user
-meets: `nnx.jit`, `nnx.jit` with donation, `nnx.cached_partial`, and
-`nnx.split` + `jax.jit` (donated). Each train case also records its host
-dispatch: the time until the step call returns, the device idle before it.
+`optax.incremental_update` by hand, Keras 3 `use_ema` (JAX backend) and
+timm `ModelEmaV3` (the same models in PyTorch, eager, AdamW, on as many
+threads as JAX's CPU client uses). The timm rows appear when torch and timm
+are installed in the benchmark's environment (`pip install torch==2.13.0
+timm`); without them the table and the JSON hold one skipped `ModelEmaV3`
+row that says so. `--frameworks` runs some groups only (`--frameworks timm`:
+the timm rows alone). NNX runs in each pattern a user meets: `nnx.jit`,
+`nnx.jit` with donation, `nnx.cached_partial`, and `nnx.split` + `jax.jit`
+(donated). Each train case also records its host dispatch: the time until the
+step call returns, the device idle before it.
 
 Evaluation with the EMA (hook, context manager, `swap` inside the jitted
 eval, `nnx.EMA` view) beside plain evaluation, and the NNX swap round trip
@@ -30,6 +35,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
+import importlib.util
+import itertools
 import os
 import statistics
 import sys
@@ -503,13 +511,175 @@ def keras_train_cases(model: str, cfg: dict[str, Any]) -> list[Case]:
   ]
 
 
-def timm_cases() -> list[Case]:
-  # Not implemented: timm runs on PyTorch, which no environment of this
-  # project installs, so the comparison could be neither run nor tested here.
-  # The record says so in the table and the JSON rather than being left out.
-  case = Case("ModelEmaV3", lambda: lambda: None, 0.0)
-  case.skipped = "not implemented: timm needs PyTorch, which this project does not install"
-  return [case]
+def _threads() -> int:
+  # XLA's CPU client sizes its thread pool by the CPUs this process may run on.
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _model_ema_v3() -> tuple[Any, str]:
+  """timm's `ModelEmaV3` class, and where it came from.
+
+  `import timm` imports torchvision, and PyPI's torchvision (pulled in by
+  `pip install timm`) does not load beside the CPU torch wheel ("operator
+  torchvision::nms does not exist"). `timm/utils/model_ema.py` itself imports
+  only torch, so then it is loaded alone from the installed timm: the same
+  class, the same code."""
+  try:
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3, "timm.utils.ModelEmaV3"
+  except Exception as e:  # a broken torchvision raises RuntimeError, not ImportError
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+      raise
+    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "model_ema.py")
+    module_spec = importlib.util.spec_from_file_location("_timm_model_ema", path)
+    if module_spec is None or module_spec.loader is None:
+      raise
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.ModelEmaV3, (
+        f"ModelEmaV3 from the installed timm's utils/model_ema.py, loaded alone "
+        f"(`import timm` failed: {type(e).__name__}: {str(e)[:80]})")
+
+
+def torch_model(model: str, cfg: dict[str, Any]) -> Any:
+  """The Linen/NNX model in PyTorch: the same layers, shapes and parameter
+  count (NCHW images for the CNN)."""
+  import torch
+  from torch import nn as tnn
+
+  class Block(tnn.Module):
+    def __init__(self, d: int, heads: int):
+      super().__init__()
+      self.ln1, self.ln2 = tnn.LayerNorm(d), tnn.LayerNorm(d)
+      self.attn = tnn.MultiheadAttention(d, heads, batch_first=True)
+      self.up, self.down = tnn.Linear(d, 4 * d), tnn.Linear(4 * d, d)
+
+    def forward(self, x: Any, mask: Any) -> Any:
+      a = self.ln1(x)
+      x = x + self.attn(a, a, a, attn_mask=mask, need_weights=False, is_causal=True)[0]
+      # Flax's gelu is the tanh approximation.
+      return x + self.down(tnn.functional.gelu(self.up(self.ln2(x)), approximate="tanh"))
+
+  class LM(tnn.Module):
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int):
+      super().__init__()
+      self.embed = tnn.Embedding(vocab, d)
+      self.pos = tnn.Parameter(torch.randn(seq, d) * 0.02)
+      self.blocks = tnn.ModuleList([Block(d, heads) for _ in range(layers)])
+      self.ln, self.head = tnn.LayerNorm(d), tnn.Linear(d, vocab)
+      # Not persistent: out of the state_dict, so not averaged by the EMA.
+      self.register_buffer(
+          "mask", torch.ones(seq, seq, dtype=torch.bool).triu(1), persistent=False)
+
+    def forward(self, tokens: Any) -> Any:
+      t = tokens.shape[1]
+      x, mask = self.embed(tokens) + self.pos[:t], self.mask[:t, :t]
+      for block in self.blocks:
+        x = block(x, mask)
+      return self.head(self.ln(x))
+
+  class ResBlock(tnn.Module):
+    def __init__(self, cin: int, width: int):
+      super().__init__()
+      self.conv1, self.bn1 = tnn.Conv2d(cin, width, 3, padding=1), tnn.BatchNorm2d(width)
+      self.conv2, self.bn2 = tnn.Conv2d(width, width, 3, padding=1), tnn.BatchNorm2d(width)
+      self.proj = tnn.Conv2d(cin, width, 1) if cin != width else None
+
+    def forward(self, x: Any) -> Any:
+      y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+      return torch.relu((x if self.proj is None else self.proj(x)) + y)
+
+  class CNN(tnn.Module):
+    def __init__(self, widths: tuple[int, ...], blocks: int, classes: int):
+      super().__init__()
+      self.stem, self.bn = tnn.Conv2d(3, widths[0], 3, padding=1), tnn.BatchNorm2d(widths[0])
+      layers, cin = [], widths[0]
+      for w in widths:
+        for _ in range(blocks):
+          layers.append(ResBlock(cin, w))
+          cin = w
+      self.layers = tnn.ModuleList(layers)
+      self.stage_starts = tuple(i * blocks for i in range(1, len(widths)))
+      self.head = tnn.Linear(cin, classes)
+
+    def forward(self, x: Any) -> Any:
+      x = torch.relu(self.bn(self.stem(x)))
+      for i, layer in enumerate(self.layers):
+        if i in self.stage_starts:
+          x = tnn.functional.avg_pool2d(x, 2)
+        x = layer(x)
+      return self.head(x.mean(dim=(2, 3)))
+
+  if model == "lm":
+    return LM(cfg["vocab"], cfg["d"], cfg["heads"], cfg["layers"], cfg["seq"])
+  return CNN(tuple(cfg["widths"]), cfg["blocks"], cfg["classes"])
+
+
+def timm_cases(model: str, cfg: dict[str, Any]) -> list[Case]:
+  """The train step in PyTorch without EMA and with timm's `ModelEmaV3`;
+  one skipped row, saying how to get the others, where torch or timm is
+  missing."""
+  try:
+    import torch
+
+    model_ema_v3, source = _model_ema_v3()
+  except Exception as e:  # absent or broken: one skipped row, as documented
+    case = Case("ModelEmaV3", lambda: lambda: None, 0.0)
+    case.skipped = (
+        f"torch/timm not importable ({type(e).__name__}); for these rows: "
+        f"`pip install torch==2.13.0 timm` into the benchmark's environment ({sys.prefix})")
+    return [case]
+  gpu = jax.default_backend() == "gpu"
+  if gpu and not torch.cuda.is_available():
+    case = Case("ModelEmaV3", lambda: lambda: None, 0.0)
+    case.skipped = "JAX runs on the GPU and this torch cannot: it would compare two devices"
+    return [case]
+
+  device = "cuda" if gpu else "cpu"
+  threads = _threads()
+  torch.set_num_threads(threads)
+  x, y = (torch.from_numpy(np.array(a)).to(device) for a in batch(model, cfg))
+  if model == "cnn":
+    x = x.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+  y = y.long()
+  n_params = sum(p.numel() for p in torch_model(model, cfg).parameters())
+  where = "CUDA" if gpu else (f"{threads} threads (torch.set_num_threads: as many as "
+                              f"JAX's CPU client)")
+  setup = (f"torch {torch.__version__}, eager, {where}; AdamW({LR}, weight_decay=1e-4); "
+           f"{n_params} params")
+  sync = (lambda _: torch.cuda.synchronize()) if gpu else (lambda _: None)
+
+  def make(with_ema: bool) -> Callable[[], Any]:
+    torch.manual_seed(0)
+    net = torch_model(model, cfg).to(device).train()
+    # optax.adamw's weight decay, so the update is the JAX groups' own.
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=1e-4)
+    ema = model_ema_v3(net, decay=DECAY) if with_ema else None
+    count = itertools.count()
+
+    def run() -> None:
+      logits = net(x)
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+      loss.backward()
+      opt.step()
+      opt.zero_grad()
+      if ema is not None:
+        ema.update(net, step=next(count))
+
+    return run
+
+  ema_note = (
+      f"ModelEmaV3(model, decay={DECAY}) with its defaults (use_warmup=False, "
+      f"update_after_step=0, min_decay=0, foreach=True, exclude_buffers=False), "
+      f"update(model, step=i): a copy at steps 0 and 1, then the constant decay "
+      f"{DECAY}; it averages the buffers too (BatchNorm statistics, as average_stats); "
+      f"the class: {source}")
+  return [
+      Case("no EMA", lambda: make(False), 0.0, note=setup, sync=sync),
+      Case("ModelEmaV3", lambda: make(True), 0.0, note=f"{setup}; {ema_note}", sync=sync),
+  ]
 
 
 # --------------------------------------------------------------------------
@@ -559,6 +729,19 @@ def print_table(title: str, recs: list[dict[str, Any]]) -> None:
     disp = fmt_time(r["dispatch_s"]) if "dispatch_s" in r else ""
     print(f"{r['case'].ljust(w)}{fmt_time(r['median_s']):>10}{fmt_time(r['p25_s']):>10}"
           f"{fmt_time(r['p75_s']):>10}{ratio:>8}{disp:>10}")
+  for r in recs:
+    if r.get("note"):
+      print(f"  {r['case']}: {r['note']}")
+
+
+FRAMEWORKS = ("linen", "nnx", "keras", "timm", "eval")
+
+
+def _dist_version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,7 +750,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", help="JSON path (default benchmarks/results/models-<time>.json)")
   parser.add_argument("--rounds", type=int, help="interleaved rounds per group")
   parser.add_argument("--models", help="lm,cnn (default both; --smoke: cnn)")
+  parser.add_argument(
+      "--frameworks",
+      help=f"groups to run, of {','.join(FRAMEWORKS)} (default all): linen, nnx, keras "
+           "and timm are the train groups (nnx: every NNX pattern), eval the Linen and "
+           "NNX evaluation groups; e.g. `--frameworks timm` for the timm rows alone")
   args = parser.parse_args(argv)
+  frameworks = args.frameworks.split(",") if args.frameworks else list(FRAMEWORKS)
+  unknown = sorted(set(frameworks) - set(FRAMEWORKS))
+  if unknown:
+    parser.error(f"--frameworks: unknown {unknown}; choose from {','.join(FRAMEWORKS)}")
   # Smoke mode runs every kind of case once, on the model that has them all
   # (BatchNorm statistics), in one NNX pattern: it checks the script, fast.
   models = (args.models or ("cnn" if args.smoke else "lm,cnn")).split(",")
@@ -582,9 +774,11 @@ def main(argv: list[str] | None = None) -> int:
       "ema_jax models benchmark", args.smoke,
       {"decay": DECAY, "update_every": EVERY, "rounds": rounds,
        "min_sample_s": min_sample_s, "optimizer": f"adamw({LR})",
-       "configs": {m: configs[m] for m in models}, "nnx_patterns": patterns},
+       "configs": {m: configs[m] for m in models}, "nnx_patterns": patterns,
+       "frameworks": frameworks},
       models={}, records=[], group_seconds={},
   )
+  report["versions"]["timm"] = _dist_version("timm")
   dispatch = functools.partial(dispatch_time, calls=calls)
 
   for model in models:
@@ -593,17 +787,24 @@ def main(argv: list[str] | None = None) -> int:
     info = report["models"][model]
     print(f"\n## {model}: {info['params']} params in {info['param_leaves']} leaves "
           f"(median leaf {info['median_leaf']} elements)")
-    groups: list[tuple[str, list[Case], str, Any]] = [
-        ("linen (jax.jit, donated)", linen_train_cases(model, cfg), "no EMA", dispatch),
+    # (which --frameworks selects it, framework, its cases, baseline, after)
+    groups: list[tuple[str, str, Callable[[], list[Case]], str, Any]] = [
+        ("linen", "linen (jax.jit, donated)", lambda: linen_train_cases(model, cfg),
+         "no EMA", dispatch),
     ]
-    groups += [(p, nnx_train_cases(model, cfg, p), "no EMA", dispatch) for p in patterns]
+    groups += [("nnx", p, functools.partial(nnx_train_cases, model, cfg, p), "no EMA",
+                dispatch) for p in patterns]
     groups += [
-        ("keras 3 (jax backend, train_on_batch)", keras_train_cases(model, cfg), "no EMA", None),
-        ("timm", timm_cases(), "", None),
-        ("linen eval", linen_eval_cases(model, cfg), "plain eval", None),
-        ("nnx eval", nnx_eval_cases(model, cfg), "plain eval", None),
+        ("keras", "keras 3 (jax backend, train_on_batch)", lambda: keras_train_cases(model, cfg),
+         "no EMA", None),
+        ("timm", "timm", lambda: timm_cases(model, cfg), "no EMA", None),
+        ("eval", "linen eval", lambda: linen_eval_cases(model, cfg), "plain eval", None),
+        ("eval", "nnx eval", lambda: nnx_eval_cases(model, cfg), "plain eval", None),
     ]
-    for framework, cases, baseline, after in groups:
+    for family, framework, build, baseline, after in groups:
+      if family not in frameworks:
+        continue
+      cases = build()
       t0 = time.time()
       run_group(cases, rounds, min_sample_s, after=after)
       report["group_seconds"][f"{model}, {framework}"] = time.time() - t0
