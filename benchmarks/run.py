@@ -181,8 +181,9 @@ def _ema_cases(
     opt.build(variables)
     train_values = [v.value for v in variables]
 
-    # As Keras' JAX trainer runs it: stateless, inside a jitted, donated step.
-    def update(opt_values: list[Any]) -> list[Any]:
+    # As Keras' JAX trainer runs it: stateless, inside a jitted, donated step,
+    # the model's variables passed in (closed over, they would be constants).
+    def update(opt_values: list[Any], train_values: list[Any]) -> list[Any]:
       mapping = list(zip(opt._trainable_variables, train_values)) + list(
           zip(opt.variables, opt_values)
       )
@@ -195,6 +196,7 @@ def _ema_cases(
         step,
         [jnp.ones((), v.dtype) if v is opt.iterations else v.value
          for v in opt.variables],
+        train_values,
     )
 
   cases.append(
