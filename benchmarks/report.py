@@ -15,7 +15,10 @@ import math
 import sys
 from typing import Any
 
-OURS = ("ema_jax", "ema() in the chain", "apply_updates_and_average")
+# ema_jax's own cases (run.py's and models.py's), rounded against it; the
+# peers (`use_ema`, `ModelEmaV3`, `nnx.EMA`, ...) and baselines to the nearest.
+OURS = ("ema_jax", "ema() in the chain", "apply_updates_and_average", "ema(",
+        "average_stats", "hook", "context manager", "swap", "round trip")
 
 
 def _sig(x: float, digits: int = 3, direction: str = "nearest") -> float:
@@ -100,6 +103,31 @@ def step_table(report: dict[str, Any]) -> str:
   return "\n".join(out)
 
 
+def tree_table(report: dict[str, Any]) -> str:
+  """run.py's `tree` section: median (quartiles), ratio of medians, paired ratio."""
+  out = []
+  for res in report.get("tree", []):
+    out.append(f"\n**The standalone update on a real tree** ({res['leaves']} leaves, "
+               f"{res['n']:,} elements, median leaf {res['median_leaf']}): ratios to "
+               f"`optax.incremental_update` (jit, donated)\n")
+    out.append("| case | median | p25-p75 | ratio of medians | paired ratio (p25-p75) |")
+    out.append("|---|---:|---:|---:|---:|")
+    for c in res["cases"]:
+      ours = c["name"].startswith(OURS)
+      name = f"**{c['name']}**" if ours else c["name"]
+      if "median_s" not in c:
+        out.append(f"| {name} | skipped: {c['skipped']} | | | |")
+        continue
+      p = res["paired"][c["name"]]
+      way = "up" if ours else "nearest"
+      out.append(
+          f"| {name} | {_time(c['median_s'], ours)} | {_time(c['p25_s'], False)}-"
+          f"{_time(c['p75_s'], False)} | "
+          f"{_sig(c['median_s'] / res['base_median_s'], 3, way):.3g}x | "
+          f"{_sig(p['median'], 3, way):.3g}x ({p['p25']:.2f}-{p['p75']:.2f}) |")
+  return "\n".join(out)
+
+
 def models_tables(report: dict[str, Any]) -> str:
   """One table per (model, framework): median (quartiles), ratio, dispatch."""
   out = []
@@ -118,7 +146,7 @@ def models_tables(report: dict[str, Any]) -> str:
       if "median_s" not in r:
         out.append(f"{r['case'].ljust(w)}skipped: {r['skipped']}")
         continue
-      ours = "ema" in r["case"] or "hook" in r["case"] or "swap" in r["case"] or "context" in r["case"]
+      ours = r["case"].startswith(OURS)
       ratio = f"{_sig(r['ratio'], 3, 'up' if ours else 'nearest'):.2f}x" if "ratio" in r else ""
       quart = f"{_time(r['p25_s'], False)}-{_time(r['p75_s'], False)}"
       disp = _time(r["dispatch_s"], ours) if "dispatch_s" in r else ""
@@ -140,8 +168,11 @@ def main() -> None:
   if "records" in report:
     print(models_tables(report))
     return
-  print(ema_tables(report))
-  print(step_table(report))
+  if report.get("ema"):
+    print(ema_tables(report))
+  if report.get("step"):
+    print(step_table(report))
+  print(tree_table(report))
 
 
 if __name__ == "__main__":

@@ -354,6 +354,18 @@ def _tree_cases(params: dict[str, jax.Array]) -> list[Case]:
       Case(f"prototype: leaves < {SMALL_LEAF} grouped, update only (jit, donated)",
            grouped, nbytes, note="not shipped", footprint=state_fp)
   )
+
+  def one_buffer() -> Callable[[], Any]:
+    # The same elements as one leaf: the loop alone, without the per-array
+    # costs of a tree (the lower bound for any layout of the state).
+    flat_p = jnp.concatenate([x.astype(jnp.float32).ravel() for x in params.values()])
+    step = jax.jit(lambda e, p: optax.incremental_update(p, e, 1 - d), donate_argnums=0)
+    return threaded(step, jnp.array(flat_p, copy=True), flat_p)
+
+  cases.append(
+      Case("reference: the same elements as one leaf (jit, donated)", one_buffer,
+           nbytes, note="params and average as one array each", footprint=state_fp * 2)
+  )
   return cases
 
 
