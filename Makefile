@@ -42,7 +42,8 @@ bench: $(VENV)/.installed
 bench-smoke: $(VENV)/.installed
 	$(BIN)/python benchmarks/run.py --smoke
 
-# Real models (transformer LM, ResNet-style CNN; Linen, NNX, Keras): ~30 min on 2 busy cores.
+# Real models (transformer LM, ResNet-style CNN; Linen, NNX, Keras, timm when installed):
+# 6 min on 2 quiet cores (10 min with --rounds 31, as in docs/benchmarks.md).
 bench-models: $(VENV)/.installed
 	$(BIN)/python benchmarks/models.py
 

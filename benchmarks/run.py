@@ -331,6 +331,18 @@ def _tree_cases(params: dict[str, jax.Array]) -> list[Case]:
            nbytes, note="the count every EMA state keeps", footprint=state_fp)
   )
 
+  def lerp_form() -> Callable[[], Any]:
+    # ema_jax's arithmetic, `e + w (p - e)`, in a plain kernel without a count.
+    def kernel(e: Any, p: Any) -> Any:
+      return jax.tree.map(lambda e, p: e + (1 - d) * (p - e), e, p)
+
+    return threaded(jax.jit(kernel, donate_argnums=0), _f32(params), params)
+
+  cases.append(
+      Case("(a') plain kernel in ema_jax's form e + w (p - e) (jit, donated)", lerp_form,
+           nbytes, footprint=state_fp)
+  )
+
   def grouped() -> Callable[[], Any]:
     # Leaves below SMALL_LEAF elements averaged as one buffer, the state kept
     # one array per leaf: concatenate, average, slice back.
