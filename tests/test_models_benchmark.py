@@ -31,6 +31,8 @@ def test_models_benchmark_smoke_mode_runs(tmp_path):
       assert r["baseline"] == "no EMA" and r["ratio"] > 0 and r["dispatch_s"] > 0
     assert by_key[("cnn", framework, "no EMA")]["ratio"] == 1.0
   assert "ratio" in by_key[("cnn", "nnx.jit", "nnx.EMA")]
+  reference = by_key[("cnn", "nnx.jit", "optax.ema() (reference: a state of the same size)")]
+  assert reference["ratio"] > 0 and reference["dispatch_s"] > 0
   assert "ratio" in by_key[("cnn", "keras 3 (jax backend, train_on_batch)", "use_ema")]
   timm = by_key[("cnn", "timm", "ModelEmaV3")]
   assert "median_s" in timm or "skipped" in timm
