@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import gc
-import importlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -47,10 +47,12 @@ def _meminfo_bytes(key: str) -> int | None:
   return None
 
 
-def _version(module: str) -> str | None:
+def _version(dist: str) -> str | None:
+  # From the installed metadata, without importing: a package that is there
+  # but does not import (timm beside a broken torchvision) still reports.
   try:
-    return importlib.import_module(module).__version__
-  except Exception:  # absent or broken: reported as missing, never fatal
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
     return None
 
 
@@ -78,7 +80,7 @@ def machine_info() -> dict[str, Any]:
 def versions() -> dict[str, str | None]:
   return {
       m: _version(m)
-      for m in ("jax", "jaxlib", "optax", "flax", "keras", "torch", "numpy", "ema_jax")
+      for m in ("jax", "jaxlib", "optax", "flax", "keras", "torch", "timm", "numpy", "ema_jax")
   }
 
 
@@ -176,6 +178,21 @@ def run_group(
   for case in cases:  # free the state before the next group
     case.run = None
   gc.collect()
+
+
+def paired_ratios(cases: list[Case], base_name: str) -> dict[str, dict[str, float]]:
+  """Each case's time over the baseline's in the same round: median, quartiles.
+
+  Within a round the cases run back to back, so a ratio taken there cancels
+  the load that drifts between rounds (a shared machine's other jobs)."""
+  base = next(c for c in cases if c.name == base_name)
+  out = {}
+  for c in cases:
+    if c.samples and len(c.samples) == len(base.samples):
+      r = [a / b for a, b in zip(c.samples, base.samples)]
+      q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
+      out[c.name] = {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
+  return out
 
 
 def summary(case: Case) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.metadata
 import importlib.util
 import itertools
 import os
@@ -745,13 +744,6 @@ def print_table(title: str, recs: list[dict[str, Any]]) -> None:
 FRAMEWORKS = ("linen", "nnx", "keras", "timm", "eval")
 
 
-def _dist_version(name: str) -> str | None:
-  try:
-    return importlib.metadata.version(name)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny models, 2 rounds")
@@ -786,7 +778,6 @@ def main(argv: list[str] | None = None) -> int:
        "frameworks": frameworks, "dispatch_calls": calls},
       models={}, records=[], group_seconds={},
   )
-  report["versions"]["timm"] = _dist_version("timm")
   dispatch = functools.partial(dispatch_time, calls=calls)
 
   for model in models:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ import optax  # noqa: E402
 
 import ema_jax  # noqa: E402
 from ema_jax import _engine  # noqa: E402
-from harness import Case, finish, run_group, start, summary, threaded  # noqa: E402
+from harness import Case, finish, paired_ratios, run_group, start, summary, threaded  # noqa: E402
 from harness import fmt_time as _fmt_time  # noqa: E402
 
 DECAY = 0.999
@@ -70,6 +69,11 @@ def make_params(n: int, leaves: int, dtype: Any, seed: int = 0) -> dict[str, jax
 
 def _f32(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), tree)
+
+
+def _flat32(leaves: Any) -> jax.Array:
+  """Every leaf, as float32, in one flat buffer."""
+  return jnp.concatenate([x.astype(jnp.float32).ravel() for x in leaves])
 
 
 def _copy(tree: Any) -> Any:
@@ -254,10 +258,9 @@ def _ema_cases(
       # The small-tree fast path, as a prototype: the average of all leaves in
       # one float32 buffer (the params stay separate leaves).
       def kernel(flat: jax.Array, p: Any) -> jax.Array:
-        cat = jnp.concatenate([x.astype(jnp.float32).ravel() for x in jax.tree.leaves(p)])
-        return d * flat + (1 - d) * cat
+        return d * flat + (1 - d) * _flat32(jax.tree.leaves(p))
 
-      flat = jnp.concatenate([x.astype(jnp.float32).ravel() for x in params.values()])
+      flat = _flat32(params.values())
       return threaded(jax.jit(kernel, donate_argnums=0), flat, params)
 
     cases.append(
@@ -291,7 +294,6 @@ def _torch_sync(torch: Any) -> Callable[[Any], Any]:
       torch.cuda.synchronize()
 
   return sync
-
 
 
 # --------------------------------------------------------------------------
@@ -370,7 +372,7 @@ def _tree_cases(params: dict[str, jax.Array]) -> list[Case]:
   def one_buffer() -> Callable[[], Any]:
     # The same elements as one leaf: the loop alone, without the per-array
     # costs of a tree (the lower bound for any layout of the state).
-    flat_p = jnp.concatenate([x.astype(jnp.float32).ravel() for x in params.values()])
+    flat_p = _flat32(params.values())
     step = jax.jit(lambda e, p: optax.incremental_update(p, e, 1 - d), donate_argnums=0)
     return threaded(step, jnp.array(flat_p, copy=True), flat_p)
 
@@ -379,21 +381,6 @@ def _tree_cases(params: dict[str, jax.Array]) -> list[Case]:
            nbytes, note="params and average as one array each", footprint=state_fp * 2)
   )
   return cases
-
-
-def paired_ratios(cases: list[Case], base_name: str) -> dict[str, dict[str, float]]:
-  """Each case's time over the baseline's in the same round: median, quartiles.
-
-  Within a round the cases run back to back, so a ratio taken there cancels
-  the load that drifts between rounds (a shared machine's other jobs)."""
-  base = next(c for c in cases if c.name == base_name)
-  out = {}
-  for c in cases:
-    if c.samples and len(c.samples) == len(base.samples):
-      r = [a / b for a, b in zip(c.samples, base.samples)]
-      q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
-      out[c.name] = {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
-  return out
 
 
 def print_tree_table(res: dict[str, Any]) -> None:
@@ -410,6 +397,7 @@ def print_tree_table(res: dict[str, Any]) -> None:
     print(f"{c['name']:66}{_fmt_time(c['median_s']):>10}"
           f"{_fmt_time(c['p25_s']) + '-' + _fmt_time(c['p75_s']):>22}"
           f"{c['median_s'] / res['base_median_s']:>7.3f}x{paired:>24}")
+
 
 # --------------------------------------------------------------------------
 # Section 2: the train step
@@ -615,8 +603,9 @@ def targets(
 ) -> list[str]:
   """The issue's targets, judged on this run's medians."""
   lines = []
+  ours = "ema_jax ema().update (jit, donated)"
   for res in tree_results:
-    pr = res["paired"].get("ema_jax ema().update (jit, donated)")
+    pr = res["paired"].get(ours)
     if pr:
       lines.append(
           f"real tree ({res['leaves']} leaves): ema_jax {pr['median']:.3f}x "
@@ -628,7 +617,6 @@ def targets(
   def get(res: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((c for c in res["cases"] if c["name"] == name and "median_s" in c), None)
 
-  ours = "ema_jax ema().update (jit, donated)"
   for res in ema_results:
     if res["dtype"] != "float32" or res["n"] < big:
       continue
