@@ -215,8 +215,8 @@ def _build(
   """`ema` (one decay, not stacked) and `multi_ema` share this one body."""
   names = [f"decays[{i}]" if stacked else "decay" for i in range(len(decays))]
   schedules = [_schedules.as_schedule(d, name) for d, name in zip(decays, names)]
-  start_step = _checks.integer("start_step", start_step, 0)
-  update_every = _checks.integer("update_every", update_every, 1)
+  start_step = _checks.integer("start_step", start_step, 0, traced=True)
+  update_every = _checks.integer("update_every", update_every, 1, traced=True)
   return _engine.transformation(
       _engine.schedule_rule(schedules, start_step, update_every),
       len(schedules) if stacked else None,

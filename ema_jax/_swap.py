@@ -292,13 +292,15 @@ def blend(
   `alpha=1`, computed in float32 or wider in between. Leaves the EMA carries
   (integer, boolean, keys) or does not cover (`mask`) are the params' own.
   The state is not changed; the optimizer's own state (Adam's moments) is
-  not either. Jittable: `alpha` and `index` are Python numbers, static
-  under `jit`; to blend on some steps only, select with `jax.lax.cond`.
+  not either. Jittable, with `alpha` a Python float or a float32 (or wider)
+  scalar that may be traced (Switch EMA computes it in the step); a traced
+  alpha outside [0, 1] is clipped into it at run time (NaN keeps the
+  params). `index` is a Python int.
 
   Args:
     params: the params, a tree like the ones the EMA was initialised with.
     opt_state: an EMA state or any optax state holding one, not swapped.
-    alpha: the weight of the EMA, a float in [0, 1].
+    alpha: the weight of the EMA, a float in [0, 1], or a traced scalar.
     which: with several EMA states in `opt_state`, the index of the one to use.
     index: for a `multi_ema` state, which of its averages to blend in.
 
@@ -306,11 +308,12 @@ def blend(
     The blended params, a tree like `params`.
 
   Raises:
-    ValueError: `alpha` outside [0, 1]; a swapped state; `params` whose
+    ValueError: a concrete `alpha` outside [0, 1]; a swapped state; `params` whose
       structure, shapes or kinds of number differ from the state's (the
       message names the leaf); `index` missing, out of range or given for a
       single EMA.
-    TypeError: `alpha` not a real number; `index` not a Python int.
+    TypeError: `alpha` not a real number, or of a dtype narrower than
+      float32; `index` not a Python int.
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax
@@ -327,15 +330,17 @@ def blend(
   alpha = _checks.unit_float(
       "alpha", alpha,
       "`alpha` is the weight of the EMA: 0 keeps the params, 1 writes the EMA "
-      "into them.",
+      "into them.", traced=True,
   )
   _, found, treedef, leaves, _, _ = _align(params, opt_state, which)
   _checks.not_swapped(found, "`blend`")
   i = _index(found, index)
-  weight = jnp.asarray(alpha)
+  traced = _checks.is_traced(alpha)
+  # A traced alpha is clipped at run time as a decay's weight is.
+  weight = _engine.clip_weight(alpha) if traced else jnp.asarray(alpha)
   out = []
   for _, p, e, kind in leaves:
-    if kind is Kind.AVERAGE and alpha > 0:
+    if kind is Kind.AVERAGE and (traced or alpha > 0):
       ema_leaf = _memory.same_memory_as(_pick(e, i), p)
       # One EMA step of the params toward the EMA, with weight `alpha`.
       p = _engine.average_leaf(jnp.asarray(p), ema_leaf, weight)
