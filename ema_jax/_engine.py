@@ -257,10 +257,13 @@ def transformation(
     _checks.memory_kind_available(memory_kind)
     kinds = _leaves.leaf_kinds(params, mask)
     leaves, treedef = jax.tree.flatten(params)
+    # `memory_kind` places the averages. Carried leaves (ints, bools, PRNG
+    # keys) stay where the params are: a key in host memory is aliased to a
+    # device output of its shape by a donated jit, and XLA aborts.
     ema = [
         _memory.put(
             start_leaf(p, kind, expected_dtype(p, kind), num_averages),
-            memory_kind,
+            memory_kind if kind is Kind.AVERAGE else None,
         )
         for p, kind in zip(leaves, kinds)
     ]
@@ -374,7 +377,7 @@ def transformation(
           e_p = _memory.put(e, on_device).astype(_leaves.leaf_dtype(p))
           u = jnp.where(overwrite, (e_p - p).astype(u.dtype), u)
       elif kind is Kind.CARRY:
-        e = _memory.put(copy(apply_update(p, u)), memory_kind)
+        e = copy(apply_update(p, u))
       new_ema.append(e)
       new_updates.append(u)
 

@@ -189,13 +189,14 @@ def swap(
     which: with several EMA states in `state`, the index of the one to swap.
     index: for a `multi_ema` state, which of its averages to swap in, a
       Python int; swapping back needs no `index` (the state records it).
-    memory_kind: `None` exchanges the trees as they are. `'device'` puts the
-      returned params in device memory, and each leaf the state takes in
-      their place where the average it stands beside is: with an EMA kept in
-      host memory (`ema(memory_kind='pinned_host')`), the EMA comes to the
-      device to evaluate and the training params wait in host memory, so
-      device memory use does not grow; swapping back with
-      `memory_kind='device'` brings them back. Transfers are exact.
+    memory_kind: where the returned params go. `None` (default): each where
+      the leaf it replaces was, and each leaf the state takes in their place
+      where the average it stands beside is: with an EMA kept in host memory
+      (`ema(memory_kind='pinned_host')`) the EMA comes to the device to
+      evaluate and the training params wait in host memory, so device memory
+      use does not grow; swapping back brings them to the device again.
+      `'device'` or `'pinned_host'` put the returned params there instead.
+      Transfers are exact; without offload nothing moves.
 
   Returns:
     `(params, state)` swapped.
@@ -244,14 +245,11 @@ def swap(
       out.append(p)
       raw.append(e)  # the state's placeholder: None or optax.MaskedNode
     elif swapped:
-      out.append(_memory.put(held[k], memory_kind))
+      out.append(_placed(held[k], p, memory_kind))
     else:
-      ema_leaf = _pick(e, i)
-      if memory_kind is not None:
-        ema_leaf = _memory.put(ema_leaf, memory_kind)
-        p = _memory.same_memory_as(p, e)
-      out.append(ema_leaf)
-      raw.append(p)
+      # The leaves trade places: each goes where the one it replaces was.
+      out.append(_placed(_pick(e, i), p, memory_kind))
+      raw.append(_memory.same_memory_as(p, e))
 
   new: Any
   if swapped:
@@ -271,6 +269,13 @@ def swap(
         jax.tree.unflatten(treedef, raw), found.debias_norm, found.rounding_key,
     )
   return jax.tree.unflatten(treedef, out), _state.replace(state, which, new)
+
+
+def _placed(x: Any, replaced: Any, memory_kind: str | None) -> Any:
+  """`x` in `memory_kind`, or by default where `replaced` is."""
+  if memory_kind is None:
+    return _memory.same_memory_as(x, replaced)
+  return _memory.put(x, memory_kind)
 
 
 def blend(

@@ -349,3 +349,79 @@ def test_count_saturation_averages_every_update_whatever_update_every(update_eve
     _, state = tx.update(jnp.asarray([target]), state, params)
   np.testing.assert_array_equal(ema_jax.ema_params(state), [0.5 * 2.0 + 0.5 * 8.0])
   assert int(state.count) == 2**31 - 1
+
+
+# ------------------------------------------------ offload meets the Flax hook
+
+
+class _Mlp(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2)(nn.relu(nn.Dense(4)(x)))
+
+
+def _kinds(tree):
+  return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+
+
+@pytest.mark.standard_promotion
+def test_linen_hook_ema_weights_and_export_bring_an_offloaded_ema_to_the_device():
+  model = _Mlp()
+  x = jnp.ones((3, 2))
+  params = jax.device_put(model.init(jax.random.key(0), x)["params"], jax.devices()[0])
+  tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.5, memory_kind="pinned_host"))
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = jax.jit(lambda s: s.apply_gradients(grads=grads))(state)
+  expected = ema_jax.ema_params(state.opt_state, memory_kind="device")
+  evaluate = jax.jit(lambda s: s.apply_fn({"params": s.params}, x))
+
+  hook = ema_jax.flax.SwapEMAWeights()
+  swapped = hook.on_test_begin(state)
+  assert _kinds(swapped.params) == {"device"}
+  assert _kinds(swapped.opt_state[1].raw_params) == {"pinned_host"}
+  assert_bitwise_equal(swapped.params, expected)
+  np.testing.assert_array_equal(
+      evaluate(swapped), model.apply({"params": expected}, x))
+  back = hook.on_test_end(swapped)
+  assert _kinds(back.params) == {"device"}
+  assert_bitwise_equal(back.params, state.params)
+  assert _kinds(back.opt_state[1].ema) == {"pinned_host"}
+
+  with ema_jax.flax.ema_weights(state) as ema_state:
+    np.testing.assert_array_equal(evaluate(ema_state), model.apply({"params": expected}, x))
+  exported = ema_jax.flax.export_ema(state)
+  assert _kinds(exported["params"]) == {"device"}
+  assert_bitwise_equal(exported["params"], expected)
+
+
+@pytest.mark.standard_promotion
+def test_nnx_hook_and_export_bring_an_offloaded_ema_to_the_device():
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  tx = optax.chain(optax.sgd(0.1), ema_jax.ema(0.5, memory_kind="pinned_host"))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((3, 2))
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(_nnx_loss)(model, x))
+
+  @nnx.jit
+  def evaluate(model):
+    return model(x)
+
+  step(model, optimizer)
+  raw = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.Param)))
+  expected = ema_jax.ema_params(nnx.as_pure(optimizer.opt_state), memory_kind="device")
+  hook = ema_jax.flax.SwapEMAWeights()
+  hook.on_test_begin(model, optimizer)
+  assert _kinds(nnx.as_pure(nnx.state(model, nnx.Param))) == {"device"}
+  out = evaluate(model)
+  np.testing.assert_allclose(out, x @ expected["kernel"] + expected["bias"], rtol=1e-6)
+  hook.on_test_end(model, optimizer)
+  assert _kinds(nnx.as_pure(nnx.state(model, nnx.Param))) == {"device"}
+  assert_bitwise_equal(jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.Param))), raw)
+  step(model, optimizer)  # training goes on, the average in host memory
+  assert _kinds(nnx.as_pure(optimizer.opt_state[1].ema)) == {"pinned_host"}
+  exported = ema_jax.flax.export_ema(model, optimizer)
+  assert _kinds(nnx.as_pure(nnx.state(exported, nnx.Param))) == {"device"}
