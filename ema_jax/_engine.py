@@ -249,23 +249,25 @@ def transformation(
   what = "multi-EMA state" if stacked else "EMA state"
   weight_shape = (n,) if stacked else ()
 
-  def expected_dtype(p: Any, kind: Kind) -> Any:
+  def expected_dtype(p: Any, kind: Kind, path: Any = ()) -> Any:
     p_dtype = _leaves.leaf_dtype(p)
-    return _leaves.ema_dtype_for(p_dtype, dtype) if kind is Kind.AVERAGE else p_dtype
+    if kind is not Kind.AVERAGE:
+      return p_dtype
+    return _leaves.ema_dtype_for(p_dtype, dtype, path)
 
   def init_fn(params: optax.Params) -> Any:
     _checks.memory_kind_available(memory_kind)
     kinds = _leaves.leaf_kinds(params, mask)
-    leaves, treedef = jax.tree.flatten(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     # `memory_kind` places the averages. Carried leaves (ints, bools, PRNG
     # keys) stay where the params are: a key in host memory is aliased to a
     # device output of its shape by a donated jit, and XLA aborts.
     ema = [
         _memory.put(
-            start_leaf(p, kind, expected_dtype(p, kind), num_averages),
+            start_leaf(p, kind, expected_dtype(p, kind, path), num_averages),
             memory_kind if kind is Kind.AVERAGE else None,
         )
-        for p, kind in zip(leaves, kinds)
+        for (path, p), kind in zip(flat, kinds)
     ]
     return state_type(
         count=jnp.zeros((), jnp.int32),
@@ -300,7 +302,7 @@ def transformation(
     for (path, p), e, kind in zip(flat, e_leaves, kinds):
       _leaves.check_stored(
           path, p, e, kind, what,
-          num_averages=num_averages, dtype=expected_dtype(p, kind),
+          num_averages=num_averages, dtype=expected_dtype(p, kind, path),
       )
     if rounding == "stochastic" and state.rounding_key is None:
       raise ValueError(

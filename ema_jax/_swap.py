@@ -364,9 +364,10 @@ def reset(
   Every average (all of a `multi_ema` state's) becomes a copy of `params` in
   its own dtype, with its sharding and memory kind; carried leaves take the
   params' values; the count, the rest of the EMA state and every other
-  optimizer state are unchanged, so schedules continue where they were (with
-  `debias=True` the normaliser too: the restarted average counts as having
-  the weight gathered so far). Use it to restart an EMA, or to start a
+  optimizer state are unchanged, so schedules continue where they were.
+  With `debias=True` the restarted average has its full weight (the
+  normaliser is set to 1): the next update moves it by `1 - decay`, as
+  without `debias`, and never copies over it. Use it to restart an EMA, or to start a
   teacher apart from the student: BYOL initialises its target network from
   another seed.
 
@@ -401,5 +402,11 @@ def reset(
       start = _engine.start_leaf(p, kind, _leaves.leaf_dtype(e), n)
       e = _memory.placed_like(start, e)
     ema.append(e)
-  new = found._replace(ema=jax.tree.unflatten(treedef, ema))
+  norm = found.debias_norm
+  # Restarted at the params with their full weight: with `debias=True` a norm
+  # of 0 (a reset before any update) would let the next update copy over it.
+  new = found._replace(
+      ema=jax.tree.unflatten(treedef, ema),
+      debias_norm=None if norm is None else jnp.ones_like(norm),
+  )
   return _state.replace(opt_state, which, new)

@@ -425,3 +425,70 @@ def test_nnx_hook_and_export_bring_an_offloaded_ema_to_the_device():
   assert _kinds(nnx.as_pure(optimizer.opt_state[1].ema)) == {"pinned_host"}
   exported = ema_jax.flax.export_ema(model, optimizer)
   assert _kinds(nnx.as_pure(nnx.state(exported, nnx.Param))) == {"device"}
+
+
+# ------------------------------------------------------------- complex params
+
+
+def test_complex_params_are_averaged_as_complex_everywhere():
+  params = {"z": jnp.asarray([1 + 2j, 3 - 1j], jnp.complex64), "r": jnp.ones(2)}
+  new = {"z": jnp.asarray([-1 + 0j, 2 + 4j], jnp.complex64), "r": jnp.zeros(2)}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for tx, read in (
+      (ema_jax.ema(0.25), lambda s: ema_jax.ema_params(s)),
+      (ema_jax.multi_ema([0.25, 0.5]), lambda s: ema_jax.ema_params(s, index=0)),
+  ):
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(zero, state, new)
+    got = read(state)["z"]
+    assert got.dtype == jnp.complex64
+    want = 0.25 * np.asarray(params["z"], np.complex128) + 0.75 * np.asarray(new["z"], np.complex128)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+  state = ema_jax.ema(0.25).init(params)
+  _, state = ema_jax.ema(0.25).update(zero, state, new)
+  ema_weights, swapped = ema_jax.swap(new, state)
+  assert ema_weights["z"].dtype == jnp.complex64
+  np.testing.assert_allclose(
+      np.asarray(ema_jax.blend(new, state, 1.0)["z"]), np.asarray(ema_weights["z"]))
+
+
+@pytest.mark.parametrize("ema_dtype", [jnp.float32, jnp.bfloat16])
+def test_a_real_ema_dtype_for_complex_params_is_refused_at_init(ema_dtype):
+  params = {"w": jnp.ones(2), "z": jnp.ones(2, jnp.complex64)}
+  with pytest.raises(ValueError, match=r"Leaf \['z'\] is complex64.*imaginary"):
+    ema_jax.ema(0.9, ema_dtype=ema_dtype).init(params)
+  # Excluded by the mask, it is not averaged at all.
+  tx = ema_jax.ema(0.9, ema_dtype=ema_dtype, mask={"w": True, "z": False})
+  assert tx.init(params).ema["z"] is None
+  with pytest.raises(ValueError, match=r"Leaf \['w'\] is float32.*complex"):
+    ema_jax.ema(0.9, ema_dtype=jnp.complex64).init(params)
+
+
+# ---------------------------------------------------------- reset restarts
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"debias": True}, {"update_every": 2}, {"debias": True, "update_every": 2},
+    {"ema_dtype": jnp.bfloat16, "rounding": "stochastic"},
+    {"memory_kind": "pinned_host"},
+], ids=lambda o: "-".join(map(str, o)) or "plain")
+@pytest.mark.parametrize("after", [0, 3])
+def test_reset_restarts_the_average_under_every_option(options, after):
+  tx = ema_jax.ema(0.5, **options)
+  params = jnp.asarray([1.0, -1.0])
+  state = tx.init(params)
+  for _ in range(after):
+    _, state = tx.update(jnp.zeros(2), state, params + 5.0)
+  restart = jnp.asarray([8.0, 4.0])
+  state = ema_jax.reset(state, restart)
+  np.testing.assert_array_equal(np.asarray(ema_jax.ema_params(state), np.float32), restart)
+  target = jnp.asarray([0.0, 2.0])
+  k = options.get("update_every", 1)
+  for _ in range(k):  # the next averaging update
+    _, state = tx.update(jnp.zeros(2), state, target)
+  keep = 0.5 ** k
+  np.testing.assert_allclose(
+      np.asarray(ema_jax.ema_params(state), np.float64),
+      keep * np.asarray(restart, np.float64) + (1 - keep) * np.asarray(target, np.float64),
+      rtol=1e-2 if "rounding" in options else 1e-6,
+  )
