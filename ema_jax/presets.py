@@ -103,7 +103,13 @@ def keras(
   Args:
     ema_momentum: Keras' `ema_momentum`, in [0, 1].
     ema_overwrite_frequency: Keras' `ema_overwrite_frequency`, an int >= 1 or
-      None.
+      None. The write-back is exact as Keras' assignment is for bfloat16 and
+      float16 params (their updates are then float32, so `p + u` can reach
+      the EMA: under strict dtype promotion apply them with
+      `jnp.asarray(p + u.astype(...))` yourself), unless a param is over
+      2**16 (float16: 2**13) times its EMA; float32 params get the float32
+      `p + u` nearest the EMA (no float32 `u` gives `0.3 + u == -0.001`
+      exactly).
     ema_dtype: the average's dtype, as in `ema_jax.ema`.
     mask: which floating leaves to average, as in `ema_jax.ema`.
     rounding: `'nearest'` or `'stochastic'`, as in `ema_jax.ema`.

@@ -492,3 +492,44 @@ def test_reset_restarts_the_average_under_every_option(options, after):
       keep * np.asarray(restart, np.float64) + (1 - keep) * np.asarray(target, np.float64),
       rtol=1e-2 if "rounding" in options else 1e-6,
   )
+
+
+# ------------------------------------------- Keras' overwrite, exactly
+
+
+@pytest.mark.standard_promotion  # bfloat16 params + float32 updates
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_keras_overwrite_gives_low_precision_params_the_ema_exactly(dtype):
+  rng = np.random.default_rng(0)
+  params = jnp.asarray(rng.normal(size=4096), dtype)
+  tx = optax.chain(optax.sgd(0.3), ema_jax.presets.keras(0.9, ema_overwrite_frequency=3))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for t in range(1, 7):
+    grads = jnp.asarray(rng.normal(size=4096), dtype)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    assert params.dtype == dtype
+    if t % 3 == 0:  # overwritten: the EMA (float32) in the params' dtype
+      ema = ema_jax.ema_params(state)
+      np.testing.assert_array_equal(
+          np.asarray(params, np.float32), np.asarray(ema.astype(dtype), np.float32))
+
+
+def test_keras_overwrite_float32_lands_on_the_nearest_reachable_value():
+  rng = np.random.default_rng(1)
+  p = np.concatenate([[0.3], rng.normal(size=2000)]).astype(np.float32)
+  e = np.concatenate([[-0.001], rng.normal(size=2000) * 1e-3]).astype(np.float32)
+  u = np.asarray(ema_jax._engine.overwrite_update(jnp.asarray(p), jnp.zeros_like(jnp.asarray(p)), jnp.asarray(e)))
+  landed = p + u
+  # Brute force: every float32 update within 8 ulps of e - p.
+  first = (e - p).astype(np.float32)
+  best = np.full_like(p, np.inf)
+  for k in range(-8, 9):
+    c = first.copy()
+    step = np.inf if k > 0 else -np.inf
+    for _ in range(abs(k)):
+      c = np.nextafter(c, step).astype(np.float32)
+    best = np.minimum(best, np.abs((p + c).astype(np.float64) - e))
+  np.testing.assert_array_equal(np.abs(landed.astype(np.float64) - e), best)
+  assert landed[0] != e[0]  # 0.3 + u == -0.001 has no float32 solution
