@@ -265,7 +265,10 @@ def timm(
     >>> ema_jax.ema_params(state)  # step 1 copies 1; step 2: 0.5*1 + 0.5*2
     Array([1.5], dtype=float32)
   """
-  uas = _checks.integer("update_after_step", update_after_step, 0)
+  # Averaging starts at update `update_after_step + 1`: an int32 count too.
+  uas = _checks.integer(
+      "update_after_step", update_after_step, 0, _checks.INT32_MAX - 1
+  )
   schedule = _after_warmup_schedule(
       decay, min_decay, use_warmup, warmup_gamma, warmup_power, ramp="constant"
   )
@@ -328,7 +331,10 @@ def diffusers(
     >>> ema_jax.ema_params(state)  # step 1 copies 1; step 2 decay 2/11
     Array([1.8181819], dtype=float32)
   """
-  uas = _checks.integer("update_after_step", update_after_step, 0)
+  # Averaging starts at update `update_after_step + 1`: an int32 count too.
+  uas = _checks.integer(
+      "update_after_step", update_after_step, 0, _checks.INT32_MAX - 1
+  )
   schedule = _after_warmup_schedule(
       decay, min_decay, use_ema_warmup, inv_gamma, power, ramp="tf"
   )

@@ -533,3 +533,62 @@ def test_keras_overwrite_float32_lands_on_the_nearest_reachable_value():
     best = np.minimum(best, np.abs((p + c).astype(np.float64) - e))
   np.testing.assert_array_equal(np.abs(landed.astype(np.float64) - e), best)
   assert landed[0] != e[0]  # 0.3 + u == -0.001 has no float32 solution
+
+
+# ---------------------------------------- errors early, by name and argument
+
+
+def test_a_64_bit_ema_dtype_without_x64_is_refused_when_built():
+  assert not jax.config.jax_enable_x64
+  with pytest.raises(ValueError, match="`ema_dtype=float64` needs 64-bit JAX.*jax_enable_x64"):
+    ema_jax.ema(0.9, ema_dtype=jnp.float64)
+  with pytest.raises(ValueError, match="complex128"):
+    ema_jax.multi_ema([0.9], ema_dtype=jnp.complex128)
+
+
+@pytest.mark.parametrize("seed", [2**70, -(2**70)])
+def test_a_seed_out_of_range_is_named(seed):
+  with pytest.raises(ValueError, match="`key`: the seed"):
+    ema_jax.ema(0.9, ema_dtype=jnp.bfloat16, rounding="stochastic", key=seed)
+
+
+@pytest.mark.parametrize("preset", ["timm", "diffusers"])
+def test_update_after_step_at_the_int32_limit_is_refused_when_built(preset):
+  with pytest.raises(ValueError, match=r"`update_after_step` must be in \[0, 2147483646\]"):
+    getattr(ema_jax.presets, preset)(0.9, update_after_step=2**31 - 1)
+  tx = getattr(ema_jax.presets, preset)(0.9, update_after_step=2**31 - 2)
+  _, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), jnp.zeros(2))
+  np.testing.assert_array_equal(ema_jax.ema_params(state), [1.0, 1.0])  # copies
+
+
+def test_apply_updates_and_average_takes_python_float_leaves():
+  params, ema = {"a": 1.0, "b": jnp.ones(2)}, {"a": 3.0, "b": jnp.ones(2)}
+  new_params, new_ema = ema_jax.apply_updates_and_average(
+      params, {"a": 1.0, "b": jnp.ones(2)}, ema, 0.5)
+  np.testing.assert_array_equal(new_params["a"], 2.0)
+  np.testing.assert_array_equal(new_ema["a"], 2.5)
+
+
+def test_numpy_float64_params_are_taken_as_jax_takes_them():
+  # With x64 off JAX holds them as float32, and so does the EMA: no message
+  # about a changed dtype.
+  tx = ema_jax.ema(0.5)
+  params = {"w": np.asarray([1.0, 2.0])}
+  state = tx.init(params)
+  _, state = tx.update({"w": np.asarray([2.0, 2.0])}, state, params)
+  np.testing.assert_array_equal(ema_jax.ema_params(state)["w"], [2.0, 3.0])
+
+
+def test_a_container_change_under_jit_names_both_structures():
+  tx = ema_jax.ema(0.9)
+  state = tx.init([jnp.ones(2), jnp.ones(2)])
+  params = (jnp.ones(2), jnp.ones(2))
+  for call in (lambda: jax.jit(tx.update)(params, state, params),
+               lambda: jax.jit(ema_jax.swap)(params, state)):
+    with pytest.raises(ValueError, match=r"other containers: params are PyTreeDef\(\(\*, \*\)\)"):
+      call()
+
+
+def test_docstrings_name_the_exception_training_while_swapped_raises():
+  for fn in (ema_jax.flax.TrainState.apply_gradients, ema_jax.flax.Optimizer.update):
+    assert "RuntimeError" not in fn.__doc__ and "ValueError: wh" in fn.__doc__
