@@ -4,18 +4,22 @@
   code and committed run data, so a built site never shows a stale figure.
 - A doctest block (```` ```pycon ````, and the examples of docstrings) keeps its
   prompts and outputs on the page, as the doctests run it; its copy button
-  copies the script instead: the statements without prompts or outputs, and a
-  statement shown raising commented out (mkdocs-material copies a code
-  block's `data-copy` attribute when it has one).
+  copies the script instead: the statements without prompts or outputs, a
+  value the REPL shows printed, a statement shown raising commented out, and a
+  first line naming what it uses from the page's earlier examples
+  (mkdocs-material copies a code block's `data-copy` attribute when it has
+  one).
 - `<code>ema_jax.swap</code>` anywhere on a page (guides and docstrings alike)
   becomes a link to that name's entry in the API reference, resolved by
-  mkdocs-autorefs like mkdocstrings' own cross-references.
+  mkdocs-autorefs like mkdocstrings' own cross-references; so does a bare
+  `<code>swap</code>` whose name one module alone exports.
 """
 
 from __future__ import annotations
 
 import ast
 import doctest
+import functools
 import html as html_lib
 import importlib.util
 import pathlib
@@ -40,15 +44,39 @@ def on_files(files, config):
   return files
 
 
-# `<code>ema_jax.name</code>`, optionally a call (`ema_jax.ema(0.9)`), outside links,
-# headings and code blocks.
+# `<code>ema_jax.name</code>` or `<code>name</code>`, optionally a call
+# (`ema_jax.ema(0.9)`), outside links, headings and code blocks.
 _SKIP = re.compile(r"<(/?)(a|pre|h[1-6]|autoref)\b[^>]*>")
-_NAME = re.compile(r"<code>(ema_jax(?:\.[A-Za-z_]\w*)+)(\([^<]*\))?</code>")
+_NAME = re.compile(r"<code>(ema_jax(?:\.[A-Za-z_]\w*)+|[A-Za-z_]\w*)(\([^<]*\))?</code>")
+# Bare names that mostly mean something else on these pages: Flax's own classes, a
+# state's `ema` field, the libraries the presets are named after, a variable.
+_NOT_BARE = {"TrainState", "Optimizer", "ema", "reset", "keras", "tfa", "timm", "diffusers",
+             "ema_pytorch", "ema_weights", "is_swapped"}
+
+
+@functools.cache
+def _bare_names() -> dict[str, str]:
+  """`name: module.name` for the public names that one module alone exports."""
+  import importlib
+
+  owners: dict[str, list[str]] = {}
+  for module_name in ("ema_jax", "ema_jax.presets", "ema_jax.posthoc", "ema_jax.flax"):
+    try:
+      module = importlib.import_module(module_name)
+    except ImportError:  # ema_jax.flax without Flax: its names stay unlinked
+      continue
+    for name in module.__all__:
+      owners.setdefault(name, []).append(f"{module_name}.{name}")
+  return {name: paths[0] for name, paths in owners.items() if len(paths) == 1 and name not in _NOT_BARE}
 
 
 def _link_names(text: str) -> str:
   def link(match: re.Match) -> str:
     name = match.group(1)
+    if not name.startswith("ema_jax."):
+      name = _bare_names().get(name, "")
+      if not name:
+        return match.group(0)
     return f'<autoref identifier="{name}" optional>{match.group(0)}</autoref>'
 
   return _NAME.sub(link, text)
@@ -65,7 +93,10 @@ def _printed(code: str) -> str:
   lines = code.splitlines()
   assert node.end_lineno is not None and node.end_col_offset is not None
   comment = lines[node.end_lineno - 1][node.end_col_offset :]  # a trailing `# ...`, if any
-  return f"print({ast.get_source_segment(code, node)}){comment}"
+  value = ast.get_source_segment(code, node)
+  if isinstance(node, ast.Tuple) and not value.startswith("("):
+    value = f"({value})"  # print the tuple the REPL shows, not its items
+  return f"print({value}){comment}"
 
 
 def doctest_script(source: str) -> str:
@@ -86,11 +117,34 @@ _PYCON = re.compile(r'<div class="language-pycon highlight">(<pre><span></span><
 _TAG = re.compile(r"<[^>]+>")
 
 
+def _names(script: str) -> tuple[set[str], set[str]]:
+  """The names `script` binds, and the names it reads without binding them."""
+  bound, read = set(), set()
+  for node in ast.walk(ast.parse(script)):
+    if isinstance(node, ast.Name):
+      (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      bound.add(node.name)
+    elif isinstance(node, ast.alias):
+      bound.add((node.asname or node.name).split(".")[0])
+    elif isinstance(node, ast.arg):
+      bound.add(node.arg)
+  return bound, read - bound
+
+
 def _copy_scripts(html: str) -> str:
+  """Gives each doctest block its script; a block that uses an earlier block's names says so."""
+  earlier: set[str] = set()
+
   def add(match: re.Match) -> str:
     source = html_lib.unescape(_TAG.sub("", match.group(2)))
-    script = html_lib.escape(doctest_script(source), quote=True)
-    return f'<div class="language-pycon highlight" data-copy="{script}">{match.group(1)}'
+    script = doctest_script(source)
+    bound, read = _names(script)
+    if needs := sorted(read & earlier):
+      script = f"# Run the examples above on this page first: this uses {', '.join(needs)}.\n" + script
+    earlier.update(bound)
+    copy = html_lib.escape(script, quote=True)
+    return f'<div class="language-pycon highlight" data-copy="{copy}">{match.group(1)}'
 
   return _PYCON.sub(add, html)
 

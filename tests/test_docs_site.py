@@ -189,6 +189,8 @@ Traceback (most recent call last):
 ValueError: invalid literal
 >>> print(x)
 1
+>>> x, x
+(1, 1)
 """
   script = _hooks().doctest_script(source)
   assert script == (
@@ -200,8 +202,18 @@ ValueError: invalid literal
       "# raises ValueError:\n"
       '# int("a")\n'
       "print(x)\n"
+      "print((x, x))\n"
   )
   ast.parse(script)
+
+
+def test_a_block_says_what_it_uses_from_the_blocks_above():
+  block = '<div class="language-pycon highlight"><pre><span></span><code>{}</code></pre></div>'
+  page = block.format("&gt;&gt;&gt; import math\n&gt;&gt;&gt; y = 2\n") + block.format(
+      "&gt;&gt;&gt; def f(z):\n...   return z\n&gt;&gt;&gt; math.sqrt(f(y))\n1.41...\n")
+  first, second = (html.unescape(c) for c in re.findall(r'data-copy="([^"]*)"', _hooks()._copy_scripts(page)))
+  assert first == "import math\ny = 2\n"
+  assert second.splitlines()[0] == "# Run the examples above on this page first: this uses math, y."
 
 
 def test_benchmarks_page_is_short():
