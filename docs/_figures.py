@@ -89,7 +89,9 @@ def schedules():
           "half_life_decay(64,000 samples,\n  batch_size=64, rampup_ratio=0.05)",
           ema_jax.half_life_decay(64_000, batch_size=64, rampup_ratio=0.05),
       ),
-      # BEMA: its weights go here.
+      # BEMA: add its row here, as ("bema(...)", schedule). `profile` needs the schedule's
+      # decay and weight at each update; if BEMA's weights do not come from one decay per
+      # update, give it its own weight curve in `decay_schedules` instead.
   ]
 
 

@@ -136,8 +136,13 @@ def test_figures_are_there_small_and_captioned(site):
       words = caption.group(1)
       assert "docs/_figures.py" in words, f"{page}: the caption does not say what drew it"
       assert "machine" in words or "VM" in words, f"{page}: the caption names no machine"
+  # The home page's caption describes the run the figure plots.
   demo = json.loads((ROOT / "docs" / "figures" / "demo_accuracy.json").read_text())
-  assert demo["machine"]["processor"].split("(")[0] in pages["index.html"]
+  caption = re.search(r"<figcaption>(.*?)</figcaption>", pages["index.html"], re.S).group(1)
+  caption = " ".join(caption.split())
+  for fact in (f"{demo['epochs']} epochs in {demo['seconds']:.0f} s",
+               f"{demo['machine']['cpus']}-core", demo["machine"]["processor"].replace("(R)", "")[:11]):
+    assert fact in caption, (fact, caption)
 
 
 def test_every_code_block_is_highlighted(site):
