@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess test
   raise ImportError(
       "`ema_jax.flax` needs Flax (and Orbax for checkpoints): "
       "`pip install flax orbax-checkpoint`, or ema_jax's `flax` extra "
-      "(`pip install -e '.[flax]'` in a clone of ema_jax). "
+      "(`pip install '.[flax]'` in a clone of ema_jax). "
       "The rest of ema_jax works without them."
   ) from e
 
