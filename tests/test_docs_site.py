@@ -156,6 +156,8 @@ def test_every_code_block_is_highlighted(site):
         problems.append(f"{page}: a code block without a language: {code[:80]!r}")
       elif language.group(1) != "text" and '<span class="' not in code:
         problems.append(f"{page}: a {language.group(1)} block without highlighting")
+      elif language.group(1) != "pycon" and re.search(r"^(<[^>]*>)*&gt;&gt;&gt; ", code, re.M):
+        problems.append(f"{page}: a doctest in a {language.group(1)} block, not pycon")
   assert not problems, "\n".join(problems)
 
 
