@@ -22,10 +22,10 @@ $(VENV)/.installed: pyproject.toml
 $(DEMO_VENV)/.installed: pyproject.toml
 	$(call install,$(DEMO_VENV),demo)
 
+# The docs site is built (mkdocs build --strict, figures included) and read by tests/test_docs_site.py.
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m mypy
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d site
 
 typecheck: $(VENV)/.installed
 	$(BIN)/python -m mypy

@@ -17,8 +17,56 @@ Sections:
            benchmarks/models.py: 70 leaves, median 128 elements) beside
            `optax.incremental_update`, with the ratio paired within rounds.
 
-The table goes to stdout; the JSON (every sample, machine, versions) to
-benchmarks/results/ (git-ignored) or `--out`.
+The table goes to stdout; the JSON (every sample, machine, versions, XLA's
+bytes and temporaries per step) to benchmarks/results/ (git-ignored) or
+`--out`; `--sizes 1e5,1e6`, `--rounds` and `--sections ema,step` narrow the
+run, and `python benchmarks/report.py <json>` renders its tables. Comparators
+that are absent (torch is optional) or need more than 60% of the free memory
+are skipped and say so. `--peak-gbs` (the card's GB/s) adds the fraction of
+peak on a GPU; `benchmarks/gpu.sh` runs every GPU figure.
+
+What docs/benchmarks.md's runs (2-core AMD EPYC VM, CPU) found beyond the
+page:
+
+  compiled    A constant decay with `start_step=0`, `update_every=1` and no
+              `debias` compiles to `optax.incremental_update`'s loop plus the
+              step count: the same loops and bytes, no `lax.cond`, no select
+              (tests/test_performance.py checks it). On the LM's tree (`tree`,
+              200 rounds) ema_jax measured 1.07x `incremental_update` paired,
+              the count-carrying `incremental_update` also 1.07x, the plain
+              kernel in ema_jax's form `e + w (p - e)` 1.00x; five earlier
+              runs gave 1.03-1.12x. So "no slower than incremental_update"
+              holds for the program, not demonstrably in time on 2 shared
+              cores: a step count costs one more array in and out.
+  small       The update on a real tree is dominated by per-array costs: the
+  leaves      LM's 70 leaves take 242 us, its 929,024 elements as one leaf
+              86 us (about 2.3 us per leaf). Grouping the leaves below 4,096
+              elements into one buffer measured 1.02x; one flat float32
+              buffer for the whole average 0.95x, 10-20x slower at 1e7 with
+              200 leaves, and it would break `swap` without copies,
+              checkpoints by leaf name and per-leaf sharding: not shipped.
+              torch's `_foreach_lerp_` does the tree in 103 us.
+  200 leaves  at 1e5-1e6 elements: 382 us and 430 us against torch foreach's
+              101 us and 216 us (the goal of 2x the per-leaf baseline: not
+              met on XLA:CPU).
+  steps       SGD with `ema()` 1.94-2.07x the step without (floor 1.67x):
+              XLA:CPU has no multi-output fusion, so the EMA loop reads the
+              new params back (XLA's byte count: 2.00x), and
+              `apply_updates_and_average` compiles to the same two loops.
+              Adam 1.29-1.32x at 1e8 (floor 1.29x), 1.36-1.53x at 1e7.
+              bfloat16 params: SGD 1.94-2.54x (floor 2.33x), Adam 1.12-1.20x
+              (floor 1.57x). At most 5,124 bytes of temporaries in any step.
+  traps       Two XLA:CPU traps are avoided, each checked by a test: with
+              bfloat16 params a donated step folded `params + updates` into
+              the EMA loop and copied the params (an optimization barrier on
+              the new params, CPU only, removes it; without it: up to 10.9x
+              at 1e8); `update_every=k` computed the new params inside the
+              `lax.cond`, keeping two EMA-sized temporaries (an SGD step at
+              1e7 with `update_every=2`: 29.3 ms, now 2.9 ms).
+  dtypes      nnx.EMA and Keras keep a bfloat16 average of bfloat16 params
+              (it stops moving at decay 0.999); torch's `_foreach_lerp_`
+              needs equal dtypes, so it converts bfloat16 params to float32
+              first, as timm does.
 """
 
 from __future__ import annotations

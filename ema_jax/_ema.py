@@ -30,9 +30,11 @@ def ema(
   """An exponential moving average of the parameters, kept in the optimizer state.
 
   Put it last in an `optax.chain`: it passes `updates` through unchanged and
-  averages the parameters *after* the update, `params + updates`::
+  averages the parameters *after* the update, `params + updates`:
 
-    e <- e + (1 - decay) * (params + updates - e)
+  ```text
+  e <- e + (1 - decay) * (params + updates - e)
+  ```
 
   The weight `1 - decay` is computed without cancellation (from the Python
   float in float64; for ema_jax's schedules in closed form, see

@@ -623,7 +623,8 @@ def _orbax() -> Any:
   except ImportError:
     raise ImportError(
         "ema_jax.posthoc saves snapshots with Orbax: `pip install "
-        "orbax-checkpoint` (or `pip install ema_jax[flax]`)."
+        "orbax-checkpoint` (or ema_jax's `flax` extra: `pip install '.[flax]'` "
+        "in a clone)."
     ) from None
   return ocp
 

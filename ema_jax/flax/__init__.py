@@ -1,9 +1,11 @@
 """Flax integration: swap the EMA into Linen and NNX models, checkpoint it with Orbax.
 
 This is the only part of ema_jax that imports Flax (and, inside the checkpoint
-helpers, Orbax); `import ema_jax` works without them. Import it explicitly::
+helpers, Orbax); `import ema_jax` works without them. Import it explicitly:
 
-  import ema_jax.flax
+```python
+import ema_jax.flax
+```
 
 * `SwapEMAWeights`: Keras 3's callback of the same name, for a Linen
   `TrainState` (returns a new state) or an NNX model and `nnx.Optimizer`
@@ -21,7 +23,9 @@ try:
 except ImportError as e:  # pragma: no cover - exercised in a subprocess test
   raise ImportError(
       "`ema_jax.flax` needs Flax (and Orbax for checkpoints): "
-      "pip install 'ema_jax[flax]'. The rest of ema_jax works without them."
+      "`pip install flax orbax-checkpoint`, or ema_jax's `flax` extra "
+      "(`pip install '.[flax]'` in a clone of ema_jax). "
+      "The rest of ema_jax works without them."
   ) from e
 
 from ema_jax.flax._checkpoint import export_ema as export_ema
