@@ -1,7 +1,7 @@
 """What differs between the JAX versions ema_jax supports (jax 0.5.3 and newer).
 
-Every version-dependent name is looked up here, once, by feature rather than
-by version number, so the rest of the package (and the tests) call one name
+Every version-dependent name is looked up here, once, by feature where one
+can be detected, so the rest of the package (and the tests) call one name
 that exists on every supported JAX.
 """
 
@@ -11,20 +11,22 @@ from typing import Any
 
 import jax
 
-# `jax.memory` (memory spaces of traced values, which `jax.device_put` moves
-# between inside `jit`) arrived in jax 0.7.1. Without it the EMA cannot be
-# placed in host memory or moved back, so `memory_kind` is refused by name.
-MEMORY_SPACES = hasattr(jax, "memory")
+# Memory kinds: `jax.memory` (memory spaces of traced values, which
+# `jax.device_put` moves between inside `jit`) arrived in jax 0.7.1, but before
+# 0.10.2 a 'pinned_host' EMA stays in device memory or fails to compile (jax
+# 0.10.0 and 0.10.1 fail tests/test_offload.py). There is no feature to detect,
+# so the version decides, here only; older versions refuse `memory_kind`.
+MEMORY_KINDS_FROM = (0, 10, 2)
+MEMORY_SPACES = tuple(jax.__version_info__) >= MEMORY_KINDS_FROM
 
 
 def require_memory_spaces(name: str, value: Any) -> None:
-  """Refuses `name=value` (a memory kind) on a JAX without `jax.memory`."""
+  """Refuses `name=value` (a memory kind) on a jax older than 0.10.2."""
   if not MEMORY_SPACES:
     raise ValueError(
-        f"`{name}={value!r}` needs jax 0.7.1 or newer (`jax.memory`, to move "
-        f"arrays between memory spaces inside `jit`); this is jax "
-        f"{jax.__version__}. Upgrade jax, or pass {name}=None to keep the EMA "
-        "where the params are."
+        f"`{name}={value!r}` needs jax 0.10.2 or newer (older versions place "
+        f"memory kinds wrongly inside `jit`); this is jax {jax.__version__}. "
+        f"Upgrade jax, or pass {name}=None to keep the EMA where the params are."
     )
 
 
@@ -50,4 +52,4 @@ def set_mesh(mesh: jax.sharding.Mesh) -> Any:
   where it exists (jax 0.7 and newer), `jax.sharding.use_mesh` before."""
   if hasattr(jax, "set_mesh"):
     return jax.set_mesh(mesh)
-  return jax.sharding.use_mesh(mesh)
+  return jax.sharding.use_mesh(mesh)  # type: ignore[attr-defined]  # jax < 0.7
