@@ -37,7 +37,7 @@ run_tests() {
   "$tmp/$name/bin/python" -m pip install --quiet $pins pytest hypothesis "chex>=0.1.87" numpy
   "$tmp/$name/bin/python" -m pip install --quiet --no-deps "$src"
   "$tmp/$name/bin/python" -m pip check
-  (cd "$tmp" && "$tmp/$name/bin/python" -m pytest -q -p no:randomly \
+  (cd "$tmp" && "$tmp/$name/bin/python" -m pytest -q -rs -p no:randomly \
      -o addopts="-p no:cacheprovider" --rootdir="$src" -c "$src/pyproject.toml" \
      -m "not multiprocess" "$@")  # from $tmp: the installed package, not the source tree
 }
