@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ema_jax import _state
+from ema_jax import _compat, _state
 
 INT32_MAX = 2**31 - 1
 MEMORY_KINDS = ("device", "pinned_host")
@@ -279,6 +279,7 @@ def memory_kind(value: Any, name: str = "memory_kind") -> Any:
         f"`{name}` must be None, 'device' or 'pinned_host' (host offload), "
         f"got {value!r}."
     )
+  _compat.require_memory_spaces(name, value)
   return value
 
 

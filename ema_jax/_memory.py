@@ -6,18 +6,12 @@ from typing import Any, Literal, Optional
 
 import jax
 
+from ema_jax import _compat
+
 # Where an average may live, by the names `Device.addressable_memories()`
 # reports. JAX places traced values by memory space; 'pinned_host' is the host
 # space every backend with host offload exposes (TPU, GPU and CPU).
 MemoryKind = Optional[Literal["device", "pinned_host"]]
-
-
-def _space(memory_kind: str) -> Any:
-  spaces = {
-      "device": jax.memory.Space.Device,
-      "pinned_host": jax.memory.Space.Host,
-  }
-  return spaces[memory_kind]
 
 
 def put(x: Any, memory_kind: str | None) -> Any:
@@ -28,7 +22,7 @@ def put(x: Any, memory_kind: str | None) -> Any:
   """
   if memory_kind is None or x is None:
     return x
-  space = _space(memory_kind)
+  space = _compat.memory_space(memory_kind)
   if jax.typeof(x).memory_space == space:
     return x
   return jax.device_put(x, space)

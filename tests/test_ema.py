@@ -6,15 +6,14 @@ import math
 from typing import Any, Callable
 
 import chex
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import ema_jax
+from ema_jax import _compat
 from _util import Pair, is_float, is_key, leaves
 
 # ---------------------------------------------------------------------------
@@ -36,22 +35,32 @@ def nested_tree(dtype: Any = jnp.float32) -> Any:
   }
 
 
+def _flax() -> Any:
+  # Flax's floor needs a newer jax than the core's: the core's floor venv has
+  # no Flax, and these trees run in the Flax venv (.ci/lower_bounds.sh).
+  pytest.importorskip("flax", reason="Flax trees need flax installed")
+  import flax.nnx  # noqa: F401  (flax.nnx is not imported by `import flax`)
+
+  return flax
+
+
 def frozendict_tree() -> Any:
-  return flax.core.FrozenDict({
+  return _flax().core.FrozenDict({
       "params": {"dense": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}},
       "batch_stats": {"mean": jnp.zeros(3), "n": jnp.zeros((), jnp.int32)},
   })
 
 
-class _Model(nnx.Module):
-
-  def __init__(self):
-    self.lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
-    self.rngs = nnx.Rngs(1)  # a key and a uint32 count: carried, not averaged
-
-
 def nnx_state_tree() -> Any:
-  return nnx.split(_Model())[1]
+  nnx = _flax().nnx
+
+  class Model(nnx.Module):
+
+    def __init__(self):
+      self.lin = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      self.rngs = nnx.Rngs(1)  # a key and a uint32 count: carried, not averaged
+
+  return nnx.split(Model())[1]
 
 
 TREES: dict[str, Callable[[], Any]] = {
@@ -336,7 +345,7 @@ def test_int_bool_key_leaves_are_carried():
 def test_nnx_state_ema_keeps_rng_state():
   p0, traj = trajectory(nnx_state_tree(), steps=5, seed=6)
   state, history = run(ema_jax.ema(0.9), p0, traj)
-  assert isinstance(state.ema, nnx.State)
+  assert isinstance(state.ema, _flax().nnx.State)
   last = history[-1]
   np.testing.assert_array_equal(
       jax.random.key_data(last["rngs"]["default"]["key"].get_value()),
@@ -441,7 +450,7 @@ def test_bf16_ema_stops_moving_but_float32_default_tracks():
     [False, True],
 )
 def test_float64_params(debias):
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     decay, decay_at = SCHEDULES["power"]
     tx = ema_jax.ema(decay, start_step=1, update_every=2, debias=debias)
     p0, traj = trajectory({"w": jnp.zeros((3, 2), jnp.float64)}, steps=15,
@@ -455,7 +464,7 @@ def test_float64_params(debias):
 
 
 def test_float64_params_with_explicit_float32_ema():
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     p0, traj = trajectory({"w": jnp.zeros(3, jnp.float64)}, steps=5, seed=11)
     state, history = run(ema_jax.ema(0.9, ema_dtype=jnp.float32), p0, traj)
     assert state.ema["w"].dtype == jnp.float32
@@ -682,7 +691,7 @@ def test_update_with_other_dtype_names_the_leaf():
   other = {"a": {"w": jnp.zeros((2, 3))}, "n": jnp.zeros(2, jnp.uint8)}
   with pytest.raises(ValueError, match=r"\['n'\].*uint8"):
     tx.update(other, state, other)
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     tx = ema_jax.ema(0.9)
     state = tx.init({"w": jnp.zeros(2, jnp.float64)})
     params = {"w": jnp.zeros(2, jnp.float32)}

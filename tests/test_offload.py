@@ -22,9 +22,15 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ema_jax
+from ema_jax import _compat
 from _util import assert_bitwise_equal
 
 HOST = "pinned_host"
+# Before jax 0.10.2 ema_jax refuses every memory kind (test_memory_kind_refused_before_jax_0_10_2
+# checks the refusal): older versions misplace them (ema_jax/_compat.py).
+needs_memory_spaces = pytest.mark.skipif(
+    not _compat.MEMORY_SPACES, reason="memory kinds need jax>=0.10.2"
+)
 BF16 = jnp.bfloat16
 
 _COLLECTIVE = re.compile(
@@ -39,7 +45,7 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
 
 
 def make_mesh(axis_type=AxisType.Auto):
-  return jax.make_mesh((2, 4), ("data", "model"), (axis_type, axis_type))
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
 
 
 def make_params(mesh, scale=1):
@@ -88,6 +94,7 @@ def as_np(tree):
           for x in jax.tree.leaves(tree)]
 
 
+@needs_memory_spaces
 def test_cpu_exposes_pinned_host():
   kinds = [m.kind for m in jax.devices()[0].addressable_memories()]
   assert HOST in kinds
@@ -103,12 +110,29 @@ def test_options_are_checked():
     ema_jax.swap(jnp.ones(2), state, memory_kind="host")
 
 
+@pytest.mark.parametrize("kind", ["device", HOST])
+def test_memory_kind_refused_before_jax_0_10_2(monkeypatch, kind):
+  if _compat.MEMORY_SPACES:  # the refusal an older jax gets, checked on this one
+    monkeypatch.setattr(_compat, "MEMORY_SPACES", False)
+  needs = rf"`memory_kind='{kind}'` needs jax 0.10.2 or newer"
+  with pytest.raises(ValueError, match=needs):
+    ema_jax.ema(0.9, memory_kind=kind)
+  with pytest.raises(ValueError, match=needs):
+    ema_jax.presets.timm(0.9, memory_kind=kind)
+  state = ema_jax.ema(0.9).init(jnp.ones(2))
+  with pytest.raises(ValueError, match=needs):
+    ema_jax.ema_params(state, memory_kind=kind)
+  with pytest.raises(ValueError, match=needs):
+    ema_jax.swap(jnp.ones(2), state, memory_kind=kind)
+
+
 TRANSFORMS = {
     "f32": dict(),
     "bf16_stochastic": dict(ema_dtype=BF16, rounding="stochastic", key=5),
 }
 
 
+@needs_memory_spaces
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
 @pytest.mark.parametrize("name", list(TRANSFORMS))
@@ -203,6 +227,7 @@ def step_memory(tx, params):
   }
 
 
+@needs_memory_spaces
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_compiled_step_keeps_ema_in_host_memory_without_collectives():
   mesh = make_mesh()
@@ -225,6 +250,7 @@ def test_compiled_step_keeps_ema_in_host_memory_without_collectives():
   assert arg_host == per_device_nbytes(ema, floats_only=True)
 
 
+@needs_memory_spaces
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_offload_removes_the_ema_from_device_memory(name):
@@ -248,6 +274,7 @@ def test_offload_removes_the_ema_from_device_memory(name):
     assert m["collectives"] == {}
 
 
+@needs_memory_spaces
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=str)
 def test_swap_and_ema_params_bring_the_ema_to_device(axis_type):
@@ -290,6 +317,7 @@ def test_swap_and_ema_params_bring_the_ema_to_device(axis_type):
   assert {x.sharding.memory_kind for x in jax.tree.leaves(ema_weights)} == {HOST}
 
 
+@needs_memory_spaces
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_swapped_eval_step_with_offloaded_ema():
   mesh = make_mesh()
@@ -316,6 +344,7 @@ def test_swapped_eval_step_with_offloaded_ema():
   assert_placed(ema_jax.ema_params(state_back), params, HOST)
 
 
+@needs_memory_spaces
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_update_every_does_its_work_only_on_averaging_steps():
   mesh = make_mesh()
@@ -346,6 +375,7 @@ def test_update_every_does_its_work_only_on_averaging_steps():
   assert_bitwise_equal(ema_jax.ema_params(host_state), ema_jax.ema_params(dev_state))
 
 
+@needs_memory_spaces
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean
 def test_orbax_round_trip_keeps_host_placement_and_key(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
@@ -396,6 +426,7 @@ if __name__ == "__main__":
   memory_table()
 
 
+@needs_memory_spaces
 def test_multi_ema_average_read_from_host_memory():
   # Picking average i of a stacked host-memory leaf is a static slice: an
   # indexed gather would put the index in device memory and fail eagerly.

@@ -16,6 +16,10 @@ import signal
 import subprocess
 import sys
 
+from test_offload import needs_memory_spaces
+
+pytestmark = needs_memory_spaces
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_donation_worker.py"
 

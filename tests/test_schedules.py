@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ema_jax
+from ema_jax import _compat
 
 STEPS = np.concatenate([np.arange(0, 200), [499, 1000, 31_622, 10**5, 10**6,
                                              2**31 - 1]]).astype(np.int64)
@@ -120,7 +121,7 @@ def test_schedule_values(name):
 
 
 def test_schedules_in_float64():
-  with jax.enable_x64(True):
+  with _compat.enable_x64(True):
     for name in ("tf_dynamic", "warmup_custom", "power_gamma",
                  "half_life_edm_rampup", "cosine_byol", "uniform",
                  "scale_power"):

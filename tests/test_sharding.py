@@ -20,6 +20,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ema_jax
+from ema_jax import _compat
 from _util import assert_bitwise_equal
 
 _COLLECTIVE = re.compile(
@@ -43,7 +44,7 @@ def collectives(compiled: jax.stages.Compiled) -> collections.Counter:
 
 
 def make_mesh(axis_type: AxisType) -> jax.sharding.Mesh:
-  return jax.make_mesh((2, 4), ("data", "model"), (axis_type, axis_type))
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
 
 
 def make_params(mesh: jax.sharding.Mesh, dtype=jnp.float32) -> dict:
@@ -74,7 +75,8 @@ def grads_like(params: dict, seed: int) -> dict:
   return jax.tree_util.tree_map_with_path(grad, params)
 
 
-def assert_same_sharding(ema_tree, params, memory_kind="device"):
+def assert_same_sharding(ema_tree, params):
+  memory_kind = jax.devices()[0].default_memory().kind  # 'device' since jax 0.7
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   ema_leaves = jax.tree.leaves(ema_tree)
   assert len(ema_leaves) == len(flat)
@@ -146,7 +148,7 @@ def test_sharded_like_params_and_no_collectives(axis_type, name):
 def test_eager_init_is_sharded_like_params(axis_type):
   mesh = make_mesh(axis_type)
   params = make_params(mesh)
-  with jax.set_mesh(mesh):
+  with _compat.set_mesh(mesh):
     state = ema_jax.ema(0.9, ema_dtype=jnp.bfloat16, rounding="stochastic").init(params)
   assert_same_sharding(state.ema, params)
 
@@ -171,7 +173,7 @@ def mlp_loss(params, batch):
   # where the result lives, auto mode works it out.
   explicit = AxisType.Explicit in jax.sharding.get_abstract_mesh().axis_types
   out_sharding = P("data", None) if explicit else None
-  out = jnp.matmul(h, params["w2"], out_sharding=out_sharding) + params["b2"]
+  out = jnp.einsum("bh,ho->bo", h, params["w2"], out_sharding=out_sharding) + params["b2"]
   return jnp.mean((out - y) ** 2)
 
 
@@ -211,7 +213,7 @@ def trained_mlp(mesh):
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 def test_swap_and_ema_params_keep_shardings(axis_type):
   mesh = make_mesh(axis_type)
-  with jax.set_mesh(mesh):  # for the model's out_sharding
+  with _compat.set_mesh(mesh):  # for the model's out_sharding
     params, opt_state, _ = trained_mlp(mesh)
     expected = ema_jax.ema_params(opt_state)
     assert_same_sharding(expected, params)
@@ -230,7 +232,7 @@ def test_swap_and_ema_params_keep_shardings(axis_type):
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 def test_swapped_eval_needs_no_collectives_beyond_the_models(axis_type):
   mesh = make_mesh(axis_type)
-  with jax.set_mesh(mesh):  # for the model's out_sharding
+  with _compat.set_mesh(mesh):  # for the model's out_sharding
     params, opt_state, batch = trained_mlp(mesh)
 
     def swapped_eval(params, opt_state, batch):

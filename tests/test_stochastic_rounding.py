@@ -80,7 +80,8 @@ def test_same_values_sharded_or_not():
   x = np.random.default_rng(2).normal(size=(16, 24)).astype(np.float32)
   key = jax.random.key(4)
   single = _rounding.stochastic_round(jnp.asarray(x), key)
-  for spec in [jax.P("data", "model"), jax.P("model", None), jax.P()]:
+  P = jax.sharding.PartitionSpec
+  for spec in [P("data", "model"), P("model", None), P()]:
     xs = jax.device_put(x, jax.NamedSharding(mesh, spec))
     sharded = jax.jit(_rounding.stochastic_round)(xs, key)
     assert sharded.sharding.is_equivalent_to(xs.sharding, 2)
