@@ -108,8 +108,9 @@ def ema(
       device memory. `'pinned_host'`: host memory (host offload); each update
       moves the average to the device and back inside the jitted step, as
       transfers XLA schedules, so the device holds no average between steps.
-      `ema_params(state, memory_kind='device')` and `swap(params, state,
-      memory_kind='device')` bring it to device memory to evaluate. Commit
+      `swap` (and the Flax hook) brings it to device memory to evaluate,
+      `ema_params(state, memory_kind='device')` too. Carried leaves (ints,
+      bools, PRNG keys) stay in device memory, where their params are. Commit
       the params to the device (`jax.device_put(params)`) before the first
       step: the offloaded average is committed, and uncommitted params make
       the jitted step compile a second time.
