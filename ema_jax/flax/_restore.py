@@ -102,19 +102,42 @@ def _same(a: Any, b: Any) -> bool:
   return sa == sb and (da is None or db is None or da == db)
 
 
+def _children(tree: Any) -> tuple[list[Any], Any] | None:
+  """A pytree node's children and how to rebuild it; `None` for a leaf."""
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is not tree)
+  if treedef.num_nodes == 1:  # `tree` is a leaf itself
+    return None
+  return leaves, treedef
+
+
 def _strip(tree: Any) -> list[Any]:
   """`tree` with the EMA states left out of its chains, every way a chain
-  without them can look (a chain of one element is that element's state)."""
-  if type(tree) is not tuple:  # not a chain: an EMA state (maybe masked), or not
-    leaves = jax.tree.leaves(tree, is_leaf=_state.is_state)
-    removed = leaves and all(map(_state.is_state, leaves))
-    return [None if removed else tree]
-  out = []
-  for combo in itertools.product(*map(_strip, tree)):
-    kept = tuple(x for x in combo if x is not None)
-    out.append(kept)
-    if len(kept) == 1:
-      out.append(kept[0])
+  without them can look (a chain of one element is that element's state),
+  inside any wrapper's state (`MultiSteps`, `apply_if_finite`, `masked`,
+  `multi_transform`, `inject_hyperparams`): the wrapper then wraps the chain
+  without the EMA."""
+  if type(tree) is tuple:  # a chain
+    out = []
+    for combo in itertools.product(*map(_strip, tree)):
+      kept = tuple(x for x in combo if x is not None)
+      out.append(kept)
+      if len(kept) == 1:
+        out.append(kept[0])
+    return out
+  if _state.is_state(tree):
+    return [None]
+  leaves = jax.tree.leaves(tree, is_leaf=_state.is_state)
+  node = _children(tree)
+  if node is None or not any(map(_state.is_state, leaves)):
+    return [tree]
+  children, treedef = node
+  out = [
+      jax.tree.unflatten(treedef, combo)
+      for combo in itertools.product(*map(_strip, children))
+      if all(c is not None for c in combo)  # a wrapper of nothing: not a chain
+  ]
+  if all(map(_state.is_state, leaves)):
+    out.append(None)  # a wrapped EMA state (`masked(ema)`): no element at all
   return out
 
 
