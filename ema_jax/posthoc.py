@@ -54,15 +54,17 @@ Existing = Literal["refuse", "resume", "move_aside"]
 _LOCK_NAME = ".ema_jax_writer.lock"
 
 
+def key_name(key: Any) -> str:
+  """One path entry as Orbax writes it in a leaf name."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def orbax_name(path: Sequence[Any]) -> str:
   """A leaf's name in an Orbax checkpoint: its keys joined by dots."""
-  def name(key: Any) -> str:
-    for attr in ("key", "idx", "name"):
-      if hasattr(key, attr):
-        return str(getattr(key, attr))
-    return str(key)
-
-  return ".".join(map(name, path))
+  return ".".join(map(key_name, path))
 
 
 def check_orbax_names(tree: Any, what: str) -> None:
@@ -146,7 +148,8 @@ def _holder(record: str) -> str:
   )
 
 
-def _failed(directory: str, what: str, error: BaseException) -> RuntimeError:
+def failed_save(directory: str, what: str, error: BaseException) -> RuntimeError:
+  """The error of a save that did not reach the disk: what, where and why."""
   return RuntimeError(
       f"{what} could not be written to {directory!r}: "
       f"{type(error).__name__}: {error}. Nothing of it is on disk; fix the "
@@ -671,7 +674,7 @@ class Snapshotter:
       lost = self._saved - set(self._manager.all_steps())
       self._saved -= lost
       self._last = None
-      raise _failed(
+      raise failed_save(
           self.directory, f"The snapshot of step {_shown_steps(lost)}", e
       ) from e
 
@@ -744,7 +747,7 @@ class Snapshotter:
           ),
       )
     except Exception as e:
-      raise _failed(self.directory, f"The snapshot of step {step}", e) from e
+      raise failed_save(self.directory, f"The snapshot of step {step}", e) from e
     if not started:  # Orbax's own policy refused it: never report it saved
       raise RuntimeError(
           f"Orbax did not write the snapshot of step {step} to "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.training import train_state
 
+from ema_jax import posthoc
 from ema_jax.flax import _hook
 from ema_jax.flax import _linen
 from ema_jax.flax import _nnx
@@ -78,7 +80,22 @@ def save_checkpoint(
   item: Any = target
   if _target.is_nnx(target, optimizer):
     item = _nnx_item(cast(nnx.Module, target), cast(nnx.Optimizer, optimizer))
-  return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
+  posthoc.check_orbax_names(item, f"Cannot checkpoint step {step}")
+  where = f"The checkpoint of step {step}"
+  try:
+    # An earlier asynchronous save that failed is reported here, by step.
+    manager.check_for_errors()
+  except Exception as e:
+    raise posthoc.failed_save(str(manager.directory), "An earlier checkpoint", e) from e
+  try:
+    if "://" not in str(manager.directory):
+      # Orbax creates the step's directory in the background: a local
+      # directory that cannot take it fails here, before the save is reported.
+      with tempfile.TemporaryFile(dir=manager.directory):
+        pass
+    return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
+  except Exception as e:
+    raise posthoc.failed_save(str(manager.directory), where, e) from e
 
 
 @overload
@@ -186,6 +203,9 @@ def restore_checkpoint(
     >>> restored.params["w"], restored.opt_state[1].count, restored.opt_state[1].ema["w"]
     (Array([3.], dtype=float32), Array(0, dtype=int32), Array([3.], dtype=float32))
   """
+  # A save still being written asynchronously is finished first (as Orbax's
+  # own restore does), so that it can be read and its metadata checked.
+  manager.wait_until_finished()
   if step is None:
     step = manager.latest_step()
     if step is None:
@@ -222,13 +242,27 @@ def restore_checkpoint(
   def rebuilt() -> Any:
     return jax.tree.unflatten(treedef, [values.get(n, template[n]) for n in template])
 
+  def check_filled() -> None:
+    # Every leaf comes from the checkpoint or a fresh EMA, never the template.
+    unfilled = [n for n in template if n not in values]
+    if unfilled:
+      raise ValueError(
+          f"{where}: `missing_ema=\"init\"` could not start "
+          f"{', '.join(f'`{n}`' for n in unfilled[:5])} from the restored "
+          "params (the optimizer's `init` gives other leaves); restore "
+          'without `missing_ema="init"` into the chain the checkpoint was '
+          "written with."
+      )
+
   if not nnx_target:
     if len(values) < len(template):  # missing_ema="init": EMA from the params
       _fill(values, _linen.fresh_ema(rebuilt()))
+      check_filled()
     return rebuilt()
   if len(values) < len(template):
     nnx.update(model, rebuilt()["model"])
     _fill(values, _nnx.fresh_ema(model, nnx_optimizer))
+    check_filled()
   restored = rebuilt()
   nnx.update(model, restored["model"])
   nnx.update(nnx_optimizer, restored["optimizer"])
