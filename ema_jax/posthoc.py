@@ -332,16 +332,23 @@ class Snapshotter:
   covers the steps after the last multiple of `every`; with
   `update_every > 1`, the last step at which the EMAs were updated.
 
+  One `Snapshotter` writes to a directory at a time: it holds an OS lock
+  there (`fcntl.flock`, released by the kernel when its process ends, so a
+  crashed run leaves nothing stuck) until `close()`; `maybe_save`, `save` and
+  `close` may be called from several threads. Under `jax.distributed`, every
+  process of the run builds one and calls the same methods (process 0 holds
+  the lock; each process writes its shards). The directory is local.
+
   Args:
-    directory: where the snapshots go (created if missing). Snapshots already
-      there are kept, and must have been written with the same `every`,
-      `update_every` and widths (otherwise a `ValueError` says which setting
-      differs) and of the same tree (checked at the first save). A step that
-      already has a snapshot is not written again, so a run resumed from a
-      checkpoint can use the same directory (the first such step of a run is
-      compared with the snapshot on disk: another run's raises); a step below
-      the latest one on disk that has none cannot be written (Orbax writes
-      steps in order) and raises. See docs/posthoc.md.
+    directory: where the snapshots go (created if missing). What to do with
+      snapshots already there is `existing`'s choice. Resumed, they must have
+      been written with the same `every`, `update_every` and widths
+      (otherwise a `ValueError` says which setting differs) and of the same
+      tree (checked at the first save). A step that already has a snapshot is
+      not written again (the first such step of a run is compared with the
+      snapshot on disk: another run's raises); a step below the latest one on
+      disk that has none cannot be written (Orbax writes steps in order) and
+      raises. See docs/posthoc.md.
     every: save every `every` optimizer updates; a multiple of
       `update_every`. More snapshots let a synthesized EMA follow the
       wanted profile more closely (and take more disk).
@@ -361,6 +368,20 @@ class Snapshotter:
       Snapshotter holds a reference (no copy) to the last optimizer state it
       was given; if that state is donated before `close()`, `close()`
       raises: call `save(opt_state)` yourself before closing instead.
+    existing: when `directory` holds snapshots: `"refuse"` (the default:
+      a run from scratch never mixes its snapshots with another run's),
+      `"resume"` (this run resumes the one that wrote them from its
+      checkpoint), or `"move_aside"` (move them to
+      `<directory>.moved-<UTC time>`, recorded in `moved_to`, and start
+      afresh).
+
+  Raises:
+    ValueError: for bad settings; when another `Snapshotter` writes to
+      `directory` (naming its process, host and start time); when the
+      directory holds snapshots and `existing="refuse"`, or holds snapshots
+      of other settings.
+    OSError: when `directory` cannot be created or locked (the message names
+      it and the cause).
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax
@@ -611,7 +632,15 @@ class Snapshotter:
         each call). When a snapshot is due it is checked against the state.
 
     Returns:
-      Whether a snapshot was written (or started, when saving asynchronously).
+      Whether a snapshot was written (with `async_save`: started, in a
+      directory checked to take files; a write that fails in the background
+      is raised by the next call, never counted as written).
+
+    Raises:
+      RuntimeError: when the snapshot (or an earlier one still being
+        written) cannot be written; the message names the step, the
+        directory and the cause.
+      ValueError: as `save`, and after `close()`.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -646,8 +675,11 @@ class Snapshotter:
       ValueError: at step 0, or between two updates of the EMAs when
         `update_every > 1` (the snapshot would be stale), when the state
         holds no tracker of this snapshotter, when its tree differs from
-        that of the snapshots in the directory, or when the step is below
-        the latest snapshot's and has none (Orbax would not write it).
+        that of the snapshots in the directory, when two of its leaves
+        would have one name in Orbax (`"a.b"` and `a/b`), when the step is
+        below the latest snapshot's and has none (Orbax would not write
+        it), or after `close()`.
+      RuntimeError: as in `maybe_save`.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -803,6 +835,9 @@ class Snapshotter:
   def wait_until_finished(self) -> None:
     """Block until every snapshot started is on disk.
 
+    Raises:
+      RuntimeError: when one could not be written (see `maybe_save`).
+
     Examples:
       >>> import tempfile, ema_jax
       >>> ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10).wait_until_finished()
@@ -827,7 +862,10 @@ class Snapshotter:
     Raises:
       ValueError: when the last state seen has been donated since (save
         the final state with `save(opt_state)` before closing), or is below
-        the latest snapshot on disk (see `save`). Orbax is released anyway.
+        the latest snapshot on disk (see `save`).
+      RuntimeError: when a snapshot could not be written (see `maybe_save`).
+      Orbax and the directory's lock are released in every case; closing
+      twice does nothing.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax

@@ -62,7 +62,17 @@ def save_checkpoint(
     **kwargs: passed to `manager.save` (e.g. `force=True`).
 
   Returns:
-    What `manager.save` returns: whether a checkpoint was saved.
+    What `manager.save` returns: whether a checkpoint was saved (with an
+    asynchronous manager: started, in a directory checked to take files
+    just before; a write that fails in the background is raised by the next
+    `save_checkpoint`, or by `manager.wait_until_finished()`).
+
+  Raises:
+    ValueError: when two leaves would have one name in the checkpoint (Orbax
+      joins keys with dots: `"a.b"` and `a/b`), naming both.
+    RuntimeError: when this checkpoint, or an earlier asynchronous one,
+      could not be written: the message names the step, the directory and
+      the cause.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax, ema_jax.flax
@@ -171,9 +181,14 @@ def restore_checkpoint(
   Returns:
     The restored `TrainState` (Linen), or `None` (NNX, restored in place).
 
+  A checkpoint still being written asynchronously is waited for first.
+
   Raises:
-    FileNotFoundError: no checkpoint in `manager`.
-    ValueError: the checkpoint does not fit the template.
+    FileNotFoundError: no checkpoint in `manager`, or none of `step` (the
+      message lists the steps there).
+    ValueError: the checkpoint does not fit the template, or is not one
+      `save_checkpoint` writes (another Orbax layout: `PyTreeSave`,
+      `Composite`; the message names the items found).
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax, ema_jax.flax

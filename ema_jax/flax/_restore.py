@@ -115,7 +115,7 @@ def _same(a: Any, b: Any) -> bool:
 def _children(tree: Any) -> tuple[list[Any], Any] | None:
   """A pytree node's children and how to rebuild it; `None` for a leaf."""
   leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is not tree)
-  if treedef.num_nodes == 1:  # `tree` is a leaf itself
+  if jax.tree_util.treedef_is_leaf(treedef):  # `tree` is a leaf itself
     return None
   return leaves, treedef
 
@@ -126,8 +126,8 @@ def _strip(tree: Any) -> list[Any]:
   inside any wrapper's state (`MultiSteps`, `apply_if_finite`, `masked`,
   `multi_transform`, `inject_hyperparams`): the wrapper then wraps the chain
   without the EMA."""
+  out: list[Any] = []
   if type(tree) is tuple:  # a chain
-    out = []
     for combo in itertools.product(*map(_strip, tree)):
       kept = tuple(x for x in combo if x is not None)
       out.append(kept)
