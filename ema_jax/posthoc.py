@@ -345,8 +345,8 @@ class Snapshotter:
       been written with the same `every`, `update_every` and widths
       (otherwise a `ValueError` says which setting differs) and of the same
       tree (checked at the first save). A step that already has a snapshot is
-      not written again (the first such step of a run is compared with the
-      snapshot on disk: another run's raises); a step below the latest one on
+      not written again (each such step is compared with the snapshot on
+      disk: another run's raises); a step below the latest one on
       disk that has none cannot be written (Orbax writes steps in order) and
       raises. See docs/posthoc.md.
     every: save every `every` optimizer updates; a multiple of
@@ -472,7 +472,7 @@ class Snapshotter:
       raise
     # all_steps() lists finished snapshots only; this also has those under way.
     self._saved = set(self._manager.all_steps())
-    # Snapshots of an earlier run: the first one this run redoes is compared.
+    # Snapshots of an earlier run: each one this run redoes is compared.
     self._unchecked = set(self._saved)
     self._settings = {
         "gammas": list(self.gammas),
@@ -797,7 +797,9 @@ class Snapshotter:
     from step 1 with other data or seeds finds others, and its snapshots
     would be mixed with the earlier run's.
     """
-    self._unchecked.clear()  # once a run: it reads a snapshot back
+    # Each redone step once: a resumed run redoes the few after its
+    # checkpoint; a run that is not the one resumed fails at its first.
+    self._unchecked.discard(step)
     ocp = _orbax()
     target = jax.tree.map(
         lambda e: jax.ShapeDtypeStruct(

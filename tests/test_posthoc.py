@@ -551,6 +551,20 @@ def test_a_restart_of_another_run_into_the_directory_is_refused(tmp_path):
     _restart(tmp_path, 100, 0.5, every=100, existing="resume")
 
 
+def test_every_redone_step_is_compared_not_only_the_first(tmp_path):
+  _ramp(tmp_path, 200, every=100)
+  snapshotter = posthoc.Snapshotter(tmp_path, every=100, existing="resume")
+  tx = snapshotter.ema()
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"step 200.*not this run's EMA"):
+    for t in range(1, 201):  # the old run's up to step 150, then another's
+      target = {"w": jnp.full(3, t + (0.5 if t > 150 else 0.0), jnp.float32)}
+      _, state = tx.update(params, state, target)
+      assert not snapshotter.maybe_save(state, step=t)  # 100 matches: kept
+  snapshotter.close()
+
+
 def test_duplicate_widths_fail_when_built(tmp_path):
   with pytest.raises(ValueError, match=r"`sigma_rels`.*0\.1.*twice"):
     posthoc.Snapshotter(tmp_path, every=10, sigma_rels=(0.1, 0.1))
