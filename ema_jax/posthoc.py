@@ -441,6 +441,12 @@ class Snapshotter:
     self.save_on_close = _checks.boolean("save_on_close", save_on_close)
     async_save = _checks.boolean("async_save", async_save)
     self.directory = os.fspath(directory)
+    if "://" in self.directory:
+      raise ValueError(
+          f"`directory` must be a local path, got {self.directory!r}: the "
+          "one-writer lock needs a file system with file locks (write the "
+          "snapshots locally or to a mounted file system, and copy them)."
+      )
     # Where `existing="move_aside"` put an earlier run's snapshots.
     self.moved_to: str | None = None
     # maybe_save, save and close may come from several threads.

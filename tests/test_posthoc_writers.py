@@ -142,6 +142,9 @@ def test_a_directory_under_a_regular_file_fails_when_built(tmp_path):
   (tmp_path / "file").write_text("not a directory")
   with pytest.raises(NotADirectoryError, match=r"snapshot directory '.*file/snapshots'"):
     posthoc.Snapshotter(tmp_path / "file" / "snapshots", every=2)
+  with pytest.raises(ValueError, match=r"`directory` must be a local path, got 'gs://b/s'"):
+    posthoc.Snapshotter("gs://b/s", every=2)
+  assert not os.path.exists("gs:")
 
 
 BROKEN = """
