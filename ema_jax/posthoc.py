@@ -99,7 +99,13 @@ class _WriterLock:
 
   def __init__(self, directory: str):
     self.path = os.path.join(directory, _LOCK_NAME)
-    self._file: Any = open(self.path, "a+")  # noqa: SIM115  # held until release
+    try:
+      self._file: Any = open(self.path, "a+")  # noqa: SIM115  # held until release
+    except OSError as e:
+      raise type(e)(
+          e.errno, f"Cannot write to the snapshot directory {directory!r}: "
+          f"{e.strerror}."
+      ) from e
     try:
       fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -510,6 +516,7 @@ class Snapshotter:
               "settings it was written with, or give this run a new directory."
           )
       except BaseException:
+        self._manager.close()
         self._release()
         raise
     # The tracker's EMA state at the last step given at which the EMAs were
@@ -784,7 +791,7 @@ class Snapshotter:
               meta=ocp.args.JsonSave(meta),
           ),
       )
-    except Exception as e:
+    except OSError as e:
       raise failed_save(self.directory, f"The snapshot of step {step}", e) from e
     if not started:  # Orbax's own policy refused it: never report it saved
       raise RuntimeError(

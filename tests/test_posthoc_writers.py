@@ -137,11 +137,14 @@ def test_threads_share_one_snapshotter(tmp_path):
 # --- a directory that cannot take a snapshot -------------------------------------
 
 
-def test_a_directory_under_a_regular_file_fails_when_built(tmp_path):
+def test_a_directory_that_takes_no_file_fails_when_built(tmp_path):
   # Root writes anywhere: a path through a regular file fails for everyone.
   (tmp_path / "file").write_text("not a directory")
   with pytest.raises(NotADirectoryError, match=r"snapshot directory '.*file/snapshots'"):
     posthoc.Snapshotter(tmp_path / "file" / "snapshots", every=2)
+  # A directory that exists but takes no file, for root too (procfs).
+  with pytest.raises(OSError, match=r"Cannot write to the snapshot directory '/proc/self'"):
+    posthoc.Snapshotter("/proc/self", every=2)
   with pytest.raises(ValueError, match=r"`directory` must be a local path, got 'gs://b/s'"):
     posthoc.Snapshotter("gs://b/s", every=2)
   assert not os.path.exists("gs:")

@@ -92,11 +92,7 @@ def save_checkpoint(
     item = _nnx_item(cast(nnx.Module, target), cast(nnx.Optimizer, optimizer))
   posthoc.check_orbax_names(item, f"Cannot checkpoint step {step}")
   where = f"The checkpoint of step {step}"
-  try:
-    # An earlier asynchronous save that failed is reported here, by step.
-    manager.check_for_errors()
-  except Exception as e:
-    raise posthoc.failed_save(str(manager.directory), "An earlier checkpoint", e) from e
+  _check_earlier(manager, manager.check_for_errors)
   try:
     if "://" not in str(manager.directory):
       # Orbax creates the step's directory in the background: a local
@@ -104,8 +100,18 @@ def save_checkpoint(
       with tempfile.TemporaryFile(dir=manager.directory):
         pass
     return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
-  except Exception as e:
+  except OSError as e:
     raise posthoc.failed_save(str(manager.directory), where, e) from e
+
+
+def _check_earlier(manager: Any, check: Any) -> None:
+  """Raise the failure of an earlier asynchronous save, naming the directory."""
+  try:
+    check()
+  except Exception as e:
+    raise posthoc.failed_save(
+        str(manager.directory), "An earlier asynchronous checkpoint", e
+    ) from e
 
 
 @overload
@@ -220,7 +226,7 @@ def restore_checkpoint(
   """
   # A save still being written asynchronously is finished first (as Orbax's
   # own restore does), so that it can be read and its metadata checked.
-  manager.wait_until_finished()
+  _check_earlier(manager, manager.wait_until_finished)
   if step is None:
     step = manager.latest_step()
     if step is None:
