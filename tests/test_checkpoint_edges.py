@@ -92,6 +92,15 @@ def test_bare_array_params_restore_from_a_swapped_checkpoint(tmp_path):
   assert not np.array_equal(swapped.params, state.params)
   restored = ema_jax.flax.restore_checkpoint(saved(tmp_path, swapped), state)
   assert_bitwise_equal((restored.params, restored.opt_state), (state.params, state.opt_state))
+  assert_bitwise_equal(ema_jax.flax.export_ema(state)["params"], swapped.params)
+  plain = TrainState.create(apply_fn=None, params=params, tx=optax.sgd(0.5))
+  updates, _ = plain.tx.update(jnp.ones(3), plain.opt_state, params)
+  plain = plain.replace(step=1, params=optax.apply_updates(params, updates))
+  restored = ema_jax.flax.restore_checkpoint(
+      saved(tmp_path / "plain", plain), state, missing_ema="init")
+  assert_bitwise_equal(restored.params, plain.params)
+  assert int(restored.opt_state[1].count) == 0
+  assert_bitwise_equal(restored.opt_state[1].ema, plain.params)
 
 
 # --- what the checkpoint holds -------------------------------------------------------
