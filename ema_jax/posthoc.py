@@ -54,7 +54,7 @@ Existing = Literal["refuse", "resume", "move_aside"]
 _LOCK_NAME = ".ema_jax_writer.lock"
 
 
-def key_name(key: Any) -> str:
+def _key_name(key: Any) -> str:
   """One path entry as Orbax writes it in a leaf name."""
   for attr in ("key", "idx", "name"):
     if hasattr(key, attr):
@@ -62,12 +62,12 @@ def key_name(key: Any) -> str:
   return str(key)
 
 
-def orbax_name(path: Sequence[Any]) -> str:
+def _orbax_name(path: Sequence[Any]) -> str:
   """A leaf's name in an Orbax checkpoint: its keys joined by dots."""
-  return ".".join(map(key_name, path))
+  return ".".join(map(_key_name, path))
 
 
-def check_orbax_names(tree: Any, what: str) -> None:
+def _check_orbax_names(tree: Any, what: str) -> None:
   """Refuse a tree two of whose leaves Orbax would store under one name.
 
   Orbax names a leaf by its keys joined with dots, so `{"a.b": x}` and
@@ -77,7 +77,7 @@ def check_orbax_names(tree: Any, what: str) -> None:
   for path, _ in jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: x is None
   )[0]:
-    name = orbax_name(path)
+    name = _orbax_name(path)
     if name in seen:
       raise ValueError(
           f"{what}: leaves {_leaves.path_str(seen[name])} and "
@@ -154,7 +154,7 @@ def _holder(record: str) -> str:
   )
 
 
-def failed_save(directory: str, what: str, error: BaseException) -> RuntimeError:
+def _failed_save(directory: str, what: str, error: BaseException) -> RuntimeError:
   """The error of a save that did not reach the disk: what, where and why."""
   return RuntimeError(
       f"{what} could not be written to {directory!r}: "
@@ -610,6 +610,35 @@ class Snapshotter:
       )
     return found
 
+  def _check_power(self, state: _state.MultiEmaState, step: int) -> None:
+    """At the first update, a pair of power EMAs are one value: refuse others.
+
+    A power-function EMA equals the params after its first update whatever
+    its width (its decay is 0 there), so the tracked averages are equal bit
+    for bit; averages of other decays (`multi_ema([0.9, 0.99])`) differ as
+    soon as the params moved. Later steps cannot tell the decays apart, so
+    this is checked once, when `maybe_save` or `save` sees that update.
+    """
+    if step != self.update_every or state.rounding_key is not None:
+      return  # stochastic rounding rounds each average its own way
+    flat = jax.tree_util.tree_flatten_with_path(state.ema)[0]
+    for path, e in flat:
+      if (_leaves.stored_kind(e) is not _leaves.Kind.AVERAGE or e.shape[0] < 2
+          or getattr(e.sharding, "memory_kind", None) not in (None, "device")):
+        continue  # host-offloaded averages are left alone
+      same = jnp.all((e == e[:1]) | (jnp.isnan(e) & jnp.isnan(e[:1])))
+      # A replicated scalar: this process's copy (others' are not addressable).
+      if not bool(same.addressable_data(0)):
+        raise ValueError(
+            f"The tracked multi-EMA is not `Snapshotter.ema()`'s: after its "
+            f"first update (step {step}) its averages differ at leaf "
+            f"{_leaves.path_str(path)}, while power-function EMAs of any "
+            "width all equal the params there. Its decays are others (e.g. "
+            "`multi_ema([0.9, 0.99])`), whose snapshots `synthesize` would "
+            "combine as power profiles. Build the optimizer with "
+            "`snapshotter.ema()`."
+        )
+
   def _check_open(self) -> None:
     if self._closed:
       raise ValueError(
@@ -670,6 +699,7 @@ class Snapshotter:
         step = int(state.count)
       if step <= 0:
         return False
+      self._check_power(state, step)
       self._remember(step, state)
       if step % self.every:
         return False
@@ -719,12 +749,13 @@ class Snapshotter:
       lost = self._saved - set(self._manager.all_steps())
       self._saved -= lost
       self._last = None
-      raise failed_save(
+      raise _failed_save(
           self.directory, f"The snapshot of step {_shown_steps(lost)}", e
       ) from e
 
   def _save(self, state: _state.MultiEmaState, expected: int | None) -> int | None:
     step = int(state.count)
+    self._check_power(state, step)
     if expected is not None and expected != step:
       raise ValueError(
           f"`step={expected}` but the EMA state has seen {step} updates. Pass "
@@ -773,7 +804,7 @@ class Snapshotter:
       )
     ocp = _orbax()
     if self._latest is None:
-      check_orbax_names({"ema": state.ema}, "Cannot snapshot this EMA state")
+      _check_orbax_names({"ema": state.ema}, "Cannot snapshot this EMA state")
     tree = jax.tree.map(
         lambda e: _as_saved(e, self.dtype), state.ema,
         is_leaf=lambda x: x is None,
@@ -792,7 +823,7 @@ class Snapshotter:
           ),
       )
     except OSError as e:
-      raise failed_save(self.directory, f"The snapshot of step {step}", e) from e
+      raise _failed_save(self.directory, f"The snapshot of step {step}", e) from e
     if not started:  # Orbax's own policy refused it: never report it saved
       raise RuntimeError(
           f"Orbax did not write the snapshot of step {step} to "

@@ -565,6 +565,33 @@ def test_every_redone_step_is_compared_not_only_the_first(tmp_path):
   snapshotter.close()
 
 
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_a_multi_ema_of_other_decays_is_refused_at_its_first_update(tmp_path, update_every):
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+  target = {"w": jnp.arange(3.0), "b": jnp.ones(2)}
+  snapshotter = posthoc.Snapshotter(
+      tmp_path, every=2 * update_every, update_every=update_every)
+  other = ema_jax.multi_ema([0.9, 0.99], update_every=update_every)
+  state = other.init(params)
+  for t in range(1, update_every):
+    _, state = other.update(params, state, target)
+    assert not snapshotter.maybe_save(state, step=t)  # no update yet: unknown
+  _, state = other.update(params, state, target)
+  with pytest.raises(ValueError, match=(
+      rf"not `Snapshotter.ema\(\)`'s: after its first update \(step {update_every}\) "
+      r"its averages differ at leaf \['b'\].*snapshotter.ema\(\)")):
+    snapshotter.maybe_save(state, step=update_every)
+  with pytest.raises(ValueError, match="not `Snapshotter.ema"):
+    snapshotter.save(state)
+  # The power pair of `ema()` passes, with the same params and targets.
+  tx = snapshotter.ema()
+  state = tx.init(params)
+  for t in range(1, update_every + 1):
+    _, state = tx.update(params, state, target)
+    assert not snapshotter.maybe_save(state, step=t)
+  snapshotter.close()
+
+
 def test_duplicate_widths_fail_when_built(tmp_path):
   with pytest.raises(ValueError, match=r"`sigma_rels`.*0\.1.*twice"):
     posthoc.Snapshotter(tmp_path, every=10, sigma_rels=(0.1, 0.1))

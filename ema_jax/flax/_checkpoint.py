@@ -90,7 +90,7 @@ def save_checkpoint(
   item: Any = target
   if _target.is_nnx(target, optimizer):
     item = _nnx_item(cast(nnx.Module, target), cast(nnx.Optimizer, optimizer))
-  posthoc.check_orbax_names(item, f"Cannot checkpoint step {step}")
+  posthoc._check_orbax_names(item, f"Cannot checkpoint step {step}")
   where = f"The checkpoint of step {step}"
   _check_earlier(manager, manager.check_for_errors)
   try:
@@ -101,7 +101,7 @@ def save_checkpoint(
         pass
     return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
   except OSError as e:
-    raise posthoc.failed_save(str(manager.directory), where, e) from e
+    raise posthoc._failed_save(str(manager.directory), where, e) from e
 
 
 def _check_earlier(manager: Any, check: Any) -> None:
@@ -109,7 +109,7 @@ def _check_earlier(manager: Any, check: Any) -> None:
   try:
     check()
   except Exception as e:
-    raise posthoc.failed_save(
+    raise posthoc._failed_save(
         str(manager.directory), "An earlier asynchronous checkpoint", e
     ) from e
 

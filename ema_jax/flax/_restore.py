@@ -31,7 +31,7 @@ import numpy as np
 
 from ema_jax import _state
 from ema_jax import posthoc
-from ema_jax.posthoc import key_name
+from ema_jax.posthoc import _key_name as key_name
 
 MissingEma = Literal["error", "init"]
 _LIMIT = 12  # problems listed in a message
@@ -49,7 +49,7 @@ def named_leaves(tree: Any, prefix: str = "", suffix: str = "", **kw: Any) -> di
       for path, leaf in flat
   }
   if len(out) < len(flat):
-    posthoc.check_orbax_names(tree, "This training state cannot be checkpointed")
+    posthoc._check_orbax_names(tree, "This training state cannot be checkpointed")
   return out
 
 
