@@ -17,10 +17,17 @@ References:
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import functools
+import json
 import math
 import os
-from typing import Any, Callable, NamedTuple, Sequence, Union
+import socket
+import tempfile
+import threading
+from typing import Any, Callable, Literal, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +48,120 @@ _FORMAT = "ema_jax.posthoc/2"
 # What a directory's snapshots must share with a Snapshotter writing there.
 _SETTINGS = ("gammas", "every", "update_every")
 PathLike = Union[str, "os.PathLike[str]"]
+Existing = Literal["refuse", "resume", "move_aside"]
+# The writer's lock and ownership record, inside the directory (Orbax lists
+# only step directories, so it never reads it as a snapshot).
+_LOCK_NAME = ".ema_jax_writer.lock"
+
+
+def _key_name(key: Any) -> str:
+  """One path entry as Orbax writes it in a leaf name."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _orbax_name(path: Sequence[Any]) -> str:
+  """A leaf's name in an Orbax checkpoint: its keys joined by dots."""
+  return ".".join(map(_key_name, path))
+
+
+def _check_orbax_names(tree: Any, what: str) -> None:
+  """Refuse a tree two of whose leaves Orbax would store under one name.
+
+  Orbax names a leaf by its keys joined with dots, so `{"a.b": x}` and
+  `{"a": {"b": y}}` collide; it would then write one over the other.
+  """
+  seen: dict[str, Any] = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: x is None
+  )[0]:
+    name = _orbax_name(path)
+    if name in seen:
+      raise ValueError(
+          f"{what}: leaves {_leaves.path_str(seen[name])} and "
+          f"{_leaves.path_str(path)} would both be stored as `{name}` (Orbax "
+          "joins keys with dots), one over the other. Rename a key so that "
+          "no key holds a dot another path spells out."
+      )
+    seen[name] = path
+
+
+class _WriterLock:
+  """One writer per directory: an OS lock on a file holding the owner's record.
+
+  `fcntl.flock` conflicts between any two opens of the file, in one process or
+  two, and the kernel drops it when its process ends (however it ends), so a
+  crashed run leaves no stale lock: the record it leaves is only read while
+  someone holds the lock, and overwritten by the next writer.
+  """
+
+  def __init__(self, directory: str):
+    self.path = os.path.join(directory, _LOCK_NAME)
+    try:
+      self._file: Any = open(self.path, "a+")  # noqa: SIM115  # held until release
+    except OSError as e:
+      raise type(e)(
+          e.errno, f"Cannot write to the snapshot directory {directory!r}: "
+          f"{e.strerror}."
+      ) from e
+    try:
+      fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      self._file.seek(0)
+      record = self._file.read()
+      self._file.close()
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise OSError(
+            e.errno,
+            f"Cannot lock {self.path!r} to make this Snapshotter the "
+            f"directory's only writer ({e.strerror}); use a directory on a "
+            "file system with file locks.",
+        ) from e
+      raise ValueError(
+          f"{directory!r} is in use by another Snapshotter: "
+          f"{_holder(record)}. A directory takes one writer at a time: close "
+          "the other Snapshotter (or end its process), or give this run a new "
+          "directory. A crashed run's lock is released by the OS when its "
+          "process ends."
+      ) from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(json.dumps({
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+    }))
+    self._file.flush()
+
+  def release(self) -> None:
+    if not self._file.closed:
+      self._file.close()  # closing drops the flock
+
+
+def _holder(record: str) -> str:
+  try:
+    owner = json.loads(record)
+    pid, host, started = owner["pid"], owner["host"], owner["started"]
+  except (ValueError, KeyError, TypeError):
+    return "a writer that has not recorded itself yet"
+  mine = pid == os.getpid() and host == socket.gethostname()
+  return (
+      f"process {pid} on {host}, since {started}"
+      + (" (this process: close() the other Snapshotter first)" if mine else "")
+  )
+
+
+def _failed_save(directory: str, what: str, error: BaseException) -> RuntimeError:
+  """The error of a save that did not reach the disk: what, where and why."""
+  return RuntimeError(
+      f"{what} could not be written to {directory!r}: "
+      f"{type(error).__name__}: {error}. Nothing of it is on disk; fix the "
+      "cause (space, permissions, a directory removed) and save again, or "
+      "resume from your latest checkpoint."
+  )
 
 
 def _gammas(
@@ -106,6 +227,12 @@ def _read_meta(ocp: Any, manager: Any, directory: str, step: int) -> dict[str, A
         "with the version that wrote them."
     )
   return meta
+
+
+def _shown_steps(steps: Any) -> str:
+  steps = sorted(steps)
+  return ", ".join(map(str, steps)) if len(steps) <= 6 else (
+      f"{steps[0]}, {steps[1]}, ..., {steps[-1]}: {len(steps)} snapshots")
 
 
 def _gamma(sigma_rel: float | None, gamma: float | None) -> float:
@@ -175,11 +302,18 @@ def _stacked_sharding(sharding: Any) -> Any:
   return sharding
 
 
+def _saved_dtype(ema_dtype: Any, dtype: Any) -> np.dtype:
+  """The dtype an average is saved in: `dtype`, or its complex counterpart."""
+  if jnp.issubdtype(np.dtype(ema_dtype), jnp.complexfloating):
+    return np.dtype(np.complex128 if np.dtype(dtype).itemsize >= 8 else np.complex64)
+  return np.dtype(dtype)
+
+
 def _as_saved(e: Any, dtype: np.dtype) -> Any:
   # Always a fresh buffer: the caller may donate its optimizer state to the
   # next step while Orbax still writes this one in the background.
   if _leaves.stored_kind(e) is _leaves.Kind.AVERAGE:
-    return jnp.array(e, dtype=dtype, copy=True)
+    return jnp.array(e, dtype=_saved_dtype(e.dtype, dtype), copy=True)
   return e if e is None else jnp.array(e, copy=True)
 
 
@@ -204,16 +338,23 @@ class Snapshotter:
   covers the steps after the last multiple of `every`; with
   `update_every > 1`, the last step at which the EMAs were updated.
 
+  One `Snapshotter` writes to a directory at a time: it holds an OS lock
+  there (`fcntl.flock`, released by the kernel when its process ends, so a
+  crashed run leaves nothing stuck) until `close()`; `maybe_save`, `save` and
+  `close` may be called from several threads. Under `jax.distributed`, every
+  process of the run builds one and calls the same methods (process 0 holds
+  the lock; each process writes its shards). The directory is local.
+
   Args:
-    directory: where the snapshots go (created if missing). Snapshots already
-      there are kept, and must have been written with the same `every`,
-      `update_every` and widths (otherwise a `ValueError` says which setting
-      differs) and of the same tree (checked at the first save). A step that
-      already has a snapshot is not written again, so a run resumed from a
-      checkpoint can use the same directory (the first such step of a run is
-      compared with the snapshot on disk: another run's raises); a step below
-      the latest one on disk that has none cannot be written (Orbax writes
-      steps in order) and raises. See docs/posthoc.md.
+    directory: where the snapshots go (created if missing). What to do with
+      snapshots already there is `existing`'s choice. Resumed, they must have
+      been written with the same `every`, `update_every` and widths
+      (otherwise a `ValueError` says which setting differs) and of the same
+      tree (checked at the first save). A step that already has a snapshot is
+      not written again (each such step is compared with the snapshot on
+      disk: another run's raises); a step below the latest one on
+      disk that has none cannot be written (Orbax writes steps in order) and
+      raises. See docs/posthoc.md.
     every: save every `every` optimizer updates; a multiple of
       `update_every`. More snapshots let a synthesized EMA follow the
       wanted profile more closely (and take more disk).
@@ -233,6 +374,20 @@ class Snapshotter:
       Snapshotter holds a reference (no copy) to the last optimizer state it
       was given; if that state is donated before `close()`, `close()`
       raises: call `save(opt_state)` yourself before closing instead.
+    existing: when `directory` holds snapshots: `"refuse"` (the default:
+      a run from scratch never mixes its snapshots with another run's),
+      `"resume"` (this run resumes the one that wrote them from its
+      checkpoint), or `"move_aside"` (move them to
+      `<directory>.moved-<UTC time>`, recorded in `moved_to`, and start
+      afresh).
+
+  Raises:
+    ValueError: for bad settings; when another `Snapshotter` writes to
+      `directory` (naming its process, host and start time); when the
+      directory holds snapshots and `existing="refuse"`, or holds snapshots
+      of other settings.
+    OSError: when `directory` cannot be created or locked (the message names
+      it and the cause).
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax
@@ -266,6 +421,7 @@ class Snapshotter:
       which: int | None = None,
       async_save: bool = True,
       save_on_close: bool = True,
+      existing: Existing = "refuse",
   ):
     self.gammas = _gammas(sigma_rels, gammas)
     self.update_every = _checks.integer("update_every", update_every, 1)
@@ -282,21 +438,53 @@ class Snapshotter:
       raise TypeError(f"`dtype` is not a dtype: {dtype!r}.") from None
     if not jnp.issubdtype(self.dtype, jnp.floating):
       raise ValueError(f"`dtype` must be a floating dtype, got {self.dtype}.")
+    if existing not in ("refuse", "resume", "move_aside"):
+      raise ValueError(
+          '`existing` must be "refuse", "resume" or "move_aside", got '
+          f"{existing!r}."
+      )
     self.which = which
     self.save_on_close = _checks.boolean("save_on_close", save_on_close)
+    async_save = _checks.boolean("async_save", async_save)
     self.directory = os.fspath(directory)
+    if "://" in self.directory:
+      raise ValueError(
+          f"`directory` must be a local path, got {self.directory!r}: the "
+          "one-writer lock needs a file system with file locks (write the "
+          "snapshots locally or to a mounted file system, and copy them)."
+      )
+    # Where `existing="move_aside"` put an earlier run's snapshots.
+    self.moved_to: str | None = None
+    # maybe_save, save and close may come from several threads.
+    self._mutex = threading.RLock()
+    self._closed = False
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+    except OSError as e:
+      raise type(e)(
+          e.errno, f"Cannot create the snapshot directory {self.directory!r}: "
+          f"{e.strerror}."
+      ) from e
+    # Under `jax.distributed` every process of the run opens the directory
+    # (each writes its shards): process 0 holds the lock for them all.
+    self._lock = _WriterLock(self.directory) if jax.process_index() == 0 else None
     ocp = _orbax()
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=None,
-            create=True,
-            enable_async_checkpointing=_checks.boolean("async_save", async_save),
-        ),
-    )
+    try:
+      if existing == "move_aside":
+        self._move_aside()
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=None, create=True,
+              enable_async_checkpointing=async_save,
+          ),
+      )
+    except BaseException:
+      self._release()
+      raise
     # all_steps() lists finished snapshots only; this also has those under way.
     self._saved = set(self._manager.all_steps())
-    # Snapshots of an earlier run: the first one this run redoes is compared.
+    # Snapshots of an earlier run: each one this run redoes is compared.
     self._unchecked = set(self._saved)
     self._settings = {
         "gammas": list(self.gammas),
@@ -308,6 +496,15 @@ class Snapshotter:
     if self._saved:
       step = max(self._saved)
       try:
+        if existing == "refuse":
+          raise ValueError(
+              f"{self.directory!r} holds the snapshots of another run (steps "
+              f"{_shown_steps(self._saved)}); a new run must not mix its "
+              "snapshots with them. Pass `existing=\"resume\"` if this run "
+              "resumes the one that wrote them from its checkpoint, "
+              "`existing=\"move_aside\"` to move them to a directory beside "
+              "it first, or give this run a new directory."
+          )
         self._latest = _read_meta(ocp, self._manager, self.directory, step)
         found = _difference(
             self._settings, self._latest, "this Snapshotter",
@@ -318,12 +515,40 @@ class Snapshotter:
               f"{found}. A directory holds the snapshots of one run: pass the "
               "settings it was written with, or give this run a new directory."
           )
-      except Exception:
+      except BaseException:
         self._manager.close()
+        self._release()
         raise
-    # The last optimizer state given at a step where the EMAs were updated,
-    # for close().
-    self._last: tuple[int, Any] | None = None
+    # The tracker's EMA state at the last step given at which the EMAs were
+    # updated, for close(): the tracker alone, never the optimizer state.
+    self._last: tuple[int, _state.MultiEmaState] | None = None
+    # Where the tracker sits in the optimizer state (found once).
+    self._path: tuple[Any, ...] | None = None
+
+  def _move_aside(self) -> None:
+    """Move an earlier run's snapshots to `<directory>.moved-<time>`."""
+    if jax.process_index() == 0:
+      entries = [e for e in os.listdir(self.directory) if e != _LOCK_NAME]
+      if entries:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y%m%dT%H%M%SZ")
+        target = f"{self.directory.rstrip(os.sep)}.moved-{stamp}"
+        n = 1
+        while os.path.exists(target):
+          n += 1
+          target = f"{self.directory.rstrip(os.sep)}.moved-{stamp}-{n}"
+        os.makedirs(target)
+        for entry in entries:
+          os.rename(os.path.join(self.directory, entry), os.path.join(target, entry))
+        self.moved_to = target
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("ema_jax.posthoc.move_aside")
+
+  def _release(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
 
   @property
   def sigma_rels(self) -> tuple[float, ...]:
@@ -333,8 +558,9 @@ class Snapshotter:
   @property
   def steps(self) -> tuple[int, ...]:
     """The steps of the snapshots written so far (finished ones), ascending."""
-    self._manager.reload()
-    return tuple(sorted(self._manager.all_steps()))
+    with self._mutex:
+      self._manager.reload()
+      return tuple(sorted(self._manager.all_steps()))
 
   def ema(
       self, *, ema_dtype: Any = None, mask: Mask = None
@@ -364,7 +590,11 @@ class Snapshotter:
     )
 
   def _tracked(self, opt_state: Any) -> _state.MultiEmaState:
-    _, found = _state.find(opt_state, self.which)
+    # The path is found once: maybe_save stays a few lookups per step.
+    found = _at(opt_state, self._path) if self._path is not None else None
+    if not isinstance(found, _state.MultiEmaState):
+      which, found = _state.find(opt_state, self.which)
+      self._path = _path_of(opt_state, which)
     if not isinstance(found, _state.MultiEmaState):
       raise ValueError(
           f"The EMA state found is a {type(found).__name__}, not the "
@@ -380,6 +610,60 @@ class Snapshotter:
       )
     return found
 
+  def _check_power(self, state: _state.MultiEmaState, step: int) -> None:
+    """At the first update, a pair of power EMAs are one value: refuse others.
+
+    A power-function EMA equals the params after its first update whatever
+    its width (its decay is 0 there), so the tracked averages are equal bit
+    for bit; averages of other decays (`multi_ema([0.9, 0.99])`) differ as
+    soon as the params moved. Later steps cannot tell the decays apart, so
+    this is checked once, when `maybe_save` or `save` sees that update.
+    """
+    if step != self.update_every or state.rounding_key is not None:
+      return  # stochastic rounding rounds each average its own way
+    flat = jax.tree_util.tree_flatten_with_path(state.ema)[0]
+    for path, e in flat:
+      if (_leaves.stored_kind(e) is not _leaves.Kind.AVERAGE or e.shape[0] < 2
+          or getattr(e.sharding, "memory_kind", None) not in (None, "device")):
+        continue  # host-offloaded averages are left alone
+      same = jnp.all((e == e[:1]) | (jnp.isnan(e) & jnp.isnan(e[:1])))
+      # A replicated scalar: this process's copy (others' are not addressable).
+      if not bool(same.addressable_data(0)):
+        raise ValueError(
+            f"The tracked multi-EMA is not `Snapshotter.ema()`'s: after its "
+            f"first update (step {step}) its averages differ at leaf "
+            f"{_leaves.path_str(path)}, while power-function EMAs of any "
+            "width all equal the params there. Its decays are others (e.g. "
+            "`multi_ema([0.9, 0.99])`), whose snapshots `synthesize` would "
+            "combine as power profiles. Build the optimizer with "
+            "`snapshotter.ema()`."
+        )
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise ValueError(
+          f"This Snapshotter of {self.directory!r} is closed; build a new one "
+          '(with `existing="resume"`) to write there again.'
+      )
+
+  def _remember(self, step: int, state: _state.MultiEmaState) -> None:
+    """Keep the tracker of the last update step for close(), and no more.
+
+    Between two updates (`update_every > 1`) the averages are those of the
+    last update bit for bit (it does not touch them): the caller's current
+    buffers are kept in place of the older ones, which can then be freed, so
+    only the carried (integer) leaves of the update step stay alive.
+    """
+    if step % self.update_every == 0:
+      self._last = (step, state)
+    elif self._last is not None and self._last[0] == step - step % self.update_every:
+      old = self._last[1]
+      ema = jax.tree.map(
+          lambda o, e: e if _leaves.stored_kind(e) is _leaves.Kind.AVERAGE else o,
+          old.ema, state.ema, is_leaf=lambda x: x is None,
+      )
+      self._last = (self._last[0], old._replace(ema=ema))
+
   def maybe_save(self, opt_state: Any, step: int | None = None) -> bool:
     """Save a snapshot if the step is a multiple of `every`.
 
@@ -390,7 +674,15 @@ class Snapshotter:
         each call). When a snapshot is due it is checked against the state.
 
     Returns:
-      Whether a snapshot was written (or started, when saving asynchronously).
+      Whether a snapshot was written (with `async_save`: started, in a
+      directory checked to take files; a write that fails in the background
+      is raised by the next call, never counted as written).
+
+    Raises:
+      RuntimeError: when the snapshot (or an earlier one still being
+        written) cannot be written; the message names the step, the
+        directory and the cause.
+      ValueError: as `save`, and after `close()`.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -399,15 +691,19 @@ class Snapshotter:
       >>> snapshotter.maybe_save(state)  # step 0: nothing to save yet
       False
     """
-    if step is None:
-      step = int(self._tracked(opt_state).count)
-    if step <= 0 or step % self.update_every:
-      return False
-    # Not looked into (that walks the whole state): close() does it once.
-    self._last = (step, opt_state)
-    if step % self.every:
-      return False
-    return self._save(opt_state, step) is not None
+    with self._mutex:
+      self._check_open()
+      self._raise_failed()
+      state = self._tracked(opt_state)
+      if step is None:
+        step = int(state.count)
+      if step <= 0:
+        return False
+      self._check_power(state, step)
+      self._remember(step, state)
+      if step % self.every:
+        return False
+      return self._save(state, step) is not None
 
   def save(self, opt_state: Any) -> int | None:
     """Save a snapshot now, whatever the step.
@@ -422,8 +718,11 @@ class Snapshotter:
       ValueError: at step 0, or between two updates of the EMAs when
         `update_every > 1` (the snapshot would be stale), when the state
         holds no tracker of this snapshotter, when its tree differs from
-        that of the snapshots in the directory, or when the step is below
-        the latest snapshot's and has none (Orbax would not write it).
+        that of the snapshots in the directory, when two of its leaves
+        would have one name in Orbax (`"a.b"` and `a/b`), when the step is
+        below the latest snapshot's and has none (Orbax would not write
+        it), or after `close()`.
+      RuntimeError: as in `maybe_save`.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -435,11 +734,28 @@ class Snapshotter:
       (1, None)
       >>> snapshotter.close()
     """
-    return self._save(opt_state, None)
+    with self._mutex:
+      self._check_open()
+      self._raise_failed()
+      return self._save(self._tracked(opt_state), None)
 
-  def _save(self, opt_state: Any, expected: int | None) -> int | None:
-    state = self._tracked(opt_state)
+  def _raise_failed(self) -> None:
+    """Raise the failure of a snapshot written in the background, if any."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:
+      # The failed step is not on disk: forget it, so that it can be redone.
+      self._manager.reload()
+      lost = self._saved - set(self._manager.all_steps())
+      self._saved -= lost
+      self._last = None
+      raise _failed_save(
+          self.directory, f"The snapshot of step {_shown_steps(lost)}", e
+      ) from e
+
+  def _save(self, state: _state.MultiEmaState, expected: int | None) -> int | None:
     step = int(state.count)
+    self._check_power(state, step)
     if expected is not None and expected != step:
       raise ValueError(
           f"`step={expected}` but the EMA state has seen {step} updates. Pass "
@@ -454,7 +770,7 @@ class Snapshotter:
              f"{step - step % self.update_every} (`update_every="
              f"{self.update_every}`).")
       )
-    self._last = (step, opt_state)
+    self._last = (step, state)
     meta = {
         "format": _FORMAT,
         "step": step,
@@ -487,18 +803,27 @@ class Snapshotter:
           "starts again a new directory."
       )
     ocp = _orbax()
+    if self._latest is None:
+      _check_orbax_names({"ema": state.ema}, "Cannot snapshot this EMA state")
     tree = jax.tree.map(
         lambda e: _as_saved(e, self.dtype), state.ema,
         is_leaf=lambda x: x is None,
     )
-    started = self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            # Wrapped: Orbax's standard handler refuses a bare array.
-            ema=ocp.args.StandardSave({"ema": tree}),
-            meta=ocp.args.JsonSave(meta),
-        ),
-    )
+    try:
+      # Orbax creates the step's directory in the background: a directory
+      # that cannot take it fails here, before the save is reported.
+      with tempfile.TemporaryFile(dir=self.directory):
+        pass
+      started = self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              # Wrapped: Orbax's standard handler refuses a bare array.
+              ema=ocp.args.StandardSave({"ema": tree}),
+              meta=ocp.args.JsonSave(meta),
+          ),
+      )
+    except OSError as e:
+      raise _failed_save(self.directory, f"The snapshot of step {step}", e) from e
     if not started:  # Orbax's own policy refused it: never report it saved
       raise RuntimeError(
           f"Orbax did not write the snapshot of step {step} to "
@@ -516,12 +841,15 @@ class Snapshotter:
     from step 1 with other data or seeds finds others, and its snapshots
     would be mixed with the earlier run's.
     """
-    self._unchecked.clear()  # once a run: it reads a snapshot back
+    # Each redone step once: a resumed run redoes the few after its
+    # checkpoint; a run that is not the one resumed fails at its first.
+    self._unchecked.discard(step)
     ocp = _orbax()
     target = jax.tree.map(
         lambda e: jax.ShapeDtypeStruct(
             e.shape,
-            self.dtype if _leaves.is_float(e) else _leaves.leaf_dtype(e),
+            _saved_dtype(e.dtype, self.dtype) if _leaves.is_float(e)
+            else _leaves.leaf_dtype(e),
             sharding=e.sharding,
         ),
         state.ema,
@@ -553,11 +881,21 @@ class Snapshotter:
   def wait_until_finished(self) -> None:
     """Block until every snapshot started is on disk.
 
+    Raises:
+      RuntimeError: when one could not be written (see `maybe_save`).
+
     Examples:
       >>> import tempfile, ema_jax
       >>> ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10).wait_until_finished()
     """
-    self._manager.wait_until_finished()
+    with self._mutex:
+      if self._closed:
+        return  # close() waited
+      try:
+        self._manager.wait_until_finished()
+      except Exception:
+        pass  # raised below, with the step and the directory
+      self._raise_failed()
 
   def close(self) -> None:
     """Snapshot the last step seen if it has none, finish writing, release Orbax.
@@ -570,7 +908,10 @@ class Snapshotter:
     Raises:
       ValueError: when the last state seen has been donated since (save
         the final state with `save(opt_state)` before closing), or is below
-        the latest snapshot on disk (see `save`). Orbax is released anyway.
+        the latest snapshot on disk (see `save`).
+      RuntimeError: when a snapshot could not be written (see `maybe_save`).
+      Orbax and the directory's lock are released in every case; closing
+      twice does nothing.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -591,30 +932,73 @@ class Snapshotter:
     self._close(tail=self.save_on_close)
 
   def _close(self, tail: bool) -> None:
-    try:
-      if tail and self._last is not None and self._last[0] not in self._saved:
-        step, opt_state = self._last
-        if any(
-            isinstance(x, jax.Array) and x.is_deleted()
-            for x in jax.tree.leaves(self._tracked(opt_state))
-        ):
-          raise ValueError(
-              f"`close()` cannot snapshot the last step seen ({step}): its EMA "
-              "state has been donated since. Call `snapshotter.save(opt_state)` "
-              "with the final state before `close()`, or build the Snapshotter "
-              "with `save_on_close=False`."
-          )
-        self._save(opt_state, step)
-    finally:
-      self._last = None
-      self._manager.wait_until_finished()
-      self._manager.close()
+    with self._mutex:
+      if self._closed:
+        return
+      try:
+        self._raise_failed()
+        if tail and self._last is not None and self._last[0] not in self._saved:
+          step, state = self._last
+          if any(
+              isinstance(x, jax.Array) and x.is_deleted()
+              for x in jax.tree.leaves(state)
+          ):
+            raise ValueError(
+                f"`close()` cannot snapshot the last step seen ({step}): its "
+                "EMA state has been donated since. Call "
+                "`snapshotter.save(opt_state)` with the final state before "
+                "`close()`, or build the Snapshotter with `save_on_close=False`."
+            )
+          self._save(state, step)
+        try:
+          self._manager.wait_until_finished()
+        except Exception:
+          pass  # raised below, with the step and the directory
+        self._raise_failed()
+      finally:
+        # Whatever failed above: Orbax's threads end and the lock is dropped,
+        # so that the process can exit and another writer take over.
+        self._closed = True
+        self._last = None
+        try:
+          self._manager.close()
+        except Exception:
+          pass  # its error was raised above, or is being raised
+        finally:
+          self._release()
 
   def __enter__(self) -> "Snapshotter":
     return self
 
   def __exit__(self, exc_type: Any, *exc: Any) -> None:
     self._close(tail=self.save_on_close and exc_type is None)
+
+
+def _path_of(tree: Any, which: int) -> tuple[Any, ...]:
+  """The key path of EMA state number `which` in an optax state."""
+  found = [
+      path for path, s in jax.tree_util.tree_flatten_with_path(
+          tree, is_leaf=_state.is_state)[0]
+      if _state.is_state(s)
+  ]
+  return tuple(found[which])
+
+
+def _at(tree: Any, path: tuple[Any, ...]) -> Any:
+  """The subtree at `path` (`None` when the tree no longer has it)."""
+  for key in path:
+    try:
+      if isinstance(key, jax.tree_util.GetAttrKey):
+        tree = getattr(tree, key.name)
+      elif isinstance(key, jax.tree_util.SequenceKey):
+        tree = tree[key.idx]
+      elif isinstance(key, jax.tree_util.DictKey):
+        tree = tree[key.key]
+      else:
+        return None
+    except (AttributeError, IndexError, KeyError, TypeError):
+      return None
+  return tree
 
 
 def _orbax() -> Any:
@@ -677,10 +1061,15 @@ class _Reader:
     rows = _leaves.describe(like, stacked=False)
     for row, saved in zip(rows, meta["tree"]):
       if saved[1] == _leaves.Kind.SKIP.value or row[1] == _leaves.Kind.SKIP.value:
-        row[2] = saved[2]  # nothing is restored there: any shape will do
-    found = _leaves.first_difference(
-        rows, meta["tree"], "`like`", "the snapshots", fields=("shape",)
-    )
+        row[1:] = saved[1:]  # nothing is restored there: anything will do
+      elif row[1] == saved[1] == _leaves.Kind.AVERAGE.value:
+        # An average comes back in the snapshots' dtype, whatever the
+        # params' precision; only real against complex matters.
+        complex_ = [jnp.issubdtype(np.dtype(d), jnp.complexfloating)
+                    for d in (row[3], saved[3])]
+        if complex_[0] == complex_[1]:
+          row[3] = saved[3]
+    found = _leaves.first_difference(rows, meta["tree"], "`like`", "the snapshots")
     if found:
       raise ValueError(
           f"`like` is not the tree the snapshots were taken of: {found}. Pass "
@@ -697,9 +1086,9 @@ class _Reader:
           jax.devices()[0]
       )
       shape, dtype = jnp.shape(leaf), _leaves.leaf_dtype(leaf)
-      if _leaves.is_float(leaf):
+      if saved[1] == _leaves.Kind.AVERAGE.value:
         out.append(jax.ShapeDtypeStruct(
-            (n, *shape), np.dtype(meta["dtype"]),
+            (n, *shape), _saved_dtype(saved[3], meta["dtype"]),
             sharding=_stacked_sharding(sharding),
         ))
       else:

@@ -33,7 +33,10 @@ def run(directory: str, log=None) -> None:
   """Train to `STEPS`, resuming from the latest checkpoint in `directory`."""
   import orbax.checkpoint as ocp
 
-  snapshotter = ema_jax.posthoc.Snapshotter(snapshot_dir(directory), every=EVERY)
+  # The same run, started again: it redoes the snapshots it finds.
+  snapshotter = ema_jax.posthoc.Snapshotter(
+      snapshot_dir(directory), every=EVERY, existing="resume"
+  )
   tx = optax.chain(optax.sgd(0.05), snapshotter.ema())
   params = {"w": jnp.linspace(-1.0, 1.0, 16, dtype=jnp.float32), "b": jnp.zeros(4)}
   opt_state = tx.init(params)

@@ -397,7 +397,7 @@ def test_resume_keeps_snapshots_and_skips_existing_steps(tmp_path):
     for _ in range(3):
       _, state = tx.update(jnp.zeros(2), state, params + 1)
       assert first.maybe_save(state)
-  with posthoc.Snapshotter(tmp_path, every=1) as again:
+  with posthoc.Snapshotter(tmp_path, every=1, existing="resume") as again:
     assert again.steps == (1, 2, 3)
     assert again.save(state) is None  # step 3 is there already
     assert not again.maybe_save(state)
@@ -464,6 +464,13 @@ def _ramp(directory, steps, params=None, **kwargs):
   return state
 
 
+def _steps(directory):
+  """The finished snapshot steps in `directory`, read without writing."""
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(directory) as manager:
+    return tuple(sorted(manager.all_steps()))
+
+
 def _move_step(source, step, destination):
   """Put snapshot `step` of one directory into another, as a careless copy would."""
   import shutil
@@ -504,14 +511,14 @@ def test_snapshotter_refuses_a_directory_with_other_settings(tmp_path, setting):
   _ramp(tmp_path, 20, every=10)
   name = [k for k in setting if k != "every"] or ["every"]
   with pytest.raises(ValueError, match=f"`{name[0]}`"):
-    posthoc.Snapshotter(tmp_path, **{"every": 10, **setting})
+    posthoc.Snapshotter(tmp_path, **{"every": 10, **setting}, existing="resume")
 
 
 def test_snapshotter_refuses_a_directory_of_another_model(tmp_path):
   _ramp(tmp_path, 20, every=10)
   with pytest.raises(ValueError, match=r"\['v'\]"):
-    _ramp(tmp_path, 30, params={"v": jnp.zeros(3)}, every=10)
-  assert posthoc.Snapshotter(tmp_path, every=10).steps == (10, 20)
+    _ramp(tmp_path, 30, params={"v": jnp.zeros(3)}, every=10, existing="resume")
+  assert _steps(tmp_path) == (10, 20)
 
 
 def _restart(directory, steps, offset, **kwargs):
@@ -530,18 +537,59 @@ def test_a_restart_below_the_latest_snapshot_is_refused_not_lost(tmp_path):
   _ramp(tmp_path, 200, every=100)
   # The same run again (as when resumed from an early checkpoint): step 100
   # is on disk and matches; step 150 cannot be written after step 200.
-  snapshotter, state = _restart(tmp_path, 150, 0.0, every=100)
+  snapshotter, state = _restart(tmp_path, 150, 0.0, every=100, existing="resume")
   with pytest.raises(ValueError, match=r"step 150.*latest snapshot.*200"):
     snapshotter.save(state)
   with pytest.raises(ValueError, match=r"step 150.*latest snapshot.*200"):
     snapshotter.close()  # nor the tail: it would be below step 200
-  assert posthoc.Snapshotter(tmp_path, every=100).steps == (100, 200)
+  assert _steps(tmp_path) == (100, 200)
 
 
 def test_a_restart_of_another_run_into_the_directory_is_refused(tmp_path):
   _ramp(tmp_path, 200, every=100)
   with pytest.raises(ValueError, match=r"step 100.*not this run's EMA.*\['w'\]"):
-    _restart(tmp_path, 100, 0.5, every=100)
+    _restart(tmp_path, 100, 0.5, every=100, existing="resume")
+
+
+def test_every_redone_step_is_compared_not_only_the_first(tmp_path):
+  _ramp(tmp_path, 200, every=100)
+  snapshotter = posthoc.Snapshotter(tmp_path, every=100, existing="resume")
+  tx = snapshotter.ema()
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"step 200.*not this run's EMA"):
+    for t in range(1, 201):  # the old run's up to step 150, then another's
+      target = {"w": jnp.full(3, t + (0.5 if t > 150 else 0.0), jnp.float32)}
+      _, state = tx.update(params, state, target)
+      assert not snapshotter.maybe_save(state, step=t)  # 100 matches: kept
+  snapshotter.close()
+
+
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_a_multi_ema_of_other_decays_is_refused_at_its_first_update(tmp_path, update_every):
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+  target = {"w": jnp.arange(3.0), "b": jnp.ones(2)}
+  snapshotter = posthoc.Snapshotter(
+      tmp_path, every=2 * update_every, update_every=update_every)
+  other = ema_jax.multi_ema([0.9, 0.99], update_every=update_every)
+  state = other.init(params)
+  for t in range(1, update_every):
+    _, state = other.update(params, state, target)
+    assert not snapshotter.maybe_save(state, step=t)  # no update yet: unknown
+  _, state = other.update(params, state, target)
+  with pytest.raises(ValueError, match=(
+      rf"not `Snapshotter.ema\(\)`'s: after its first update \(step {update_every}\) "
+      r"its averages differ at leaf \['b'\].*snapshotter.ema\(\)")):
+    snapshotter.maybe_save(state, step=update_every)
+  with pytest.raises(ValueError, match="not `Snapshotter.ema"):
+    snapshotter.save(state)
+  # The power pair of `ema()` passes, with the same params and targets.
+  tx = snapshotter.ema()
+  state = tx.init(params)
+  for t in range(1, update_every + 1):
+    _, state = tx.update(params, state, target)
+    assert not snapshotter.maybe_save(state, step=t)
+  snapshotter.close()
 
 
 def test_duplicate_widths_fail_when_built(tmp_path):
@@ -648,28 +696,70 @@ def test_close_snapshots_the_tail_of_the_tracker_picked_by_which(tmp_path):
   )
 
 
-def test_maybe_save_between_snapshots_does_not_walk_the_state(tmp_path, monkeypatch):
+@pytest.mark.standard_promotion  # optax is not strict-clean
+def test_maybe_save_walks_the_state_once(tmp_path, monkeypatch):
   snapshotter = posthoc.Snapshotter(tmp_path, every=10)
-  tx = snapshotter.ema()
+  tx = optax.chain(optax.adam(0.1), snapshotter.ema())
   params = jnp.zeros(3)
   state = tx.init(params)
-  calls = []
-  tracked = posthoc.Snapshotter._tracked
+  walks = []
+  find = posthoc._state.find
   monkeypatch.setattr(
-      posthoc.Snapshotter, "_tracked", lambda self, s: calls.append(1) or tracked(self, s)
+      posthoc._state, "find", lambda *a: walks.append(1) or find(*a)
   )
-  for t in range(1, 10):  # the step is given: nothing to read from the state
+  for t in range(1, 10):  # the tracker's place is found once, then looked up
     _, state = tx.update(params, state, params)
     assert not snapshotter.maybe_save(state, step=t)
-  assert calls == []
-  snapshotter.close()  # looks once, for the tail (and checks the step)
-  assert calls and snapshotter.steps == (9,)
+  assert walks == [1]
+  snapshotter.close()
+  assert walks == [1] and snapshotter.steps == (9,)
+
+
+def _live_bytes():
+  return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_maybe_save_keeps_no_extra_optimizer_state_alive(tmp_path, update_every):
+  """Between updates, without donation, what stays alive after `maybe_save` is
+  the caller's params and optimizer state, and nothing of an older state."""
+  snapshotter = posthoc.Snapshotter(
+      tmp_path, every=10 * update_every, update_every=update_every
+  )
+  tx = optax.chain(optax.adam(1e-3), snapshotter.ema())
+  n = 1 << 18  # 1 MiB a float32 leaf
+  params = {"w": jnp.ones(n), "step": jnp.zeros((), jnp.int32)}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.tree.map(jnp.ones_like, p), s, p))
+  extra = []
+  for t in range(1, 4):
+    updates, state = step(params, state)
+    params = {"w": params["w"] - updates["w"], "step": params["step"] + 1}
+    del updates
+    baseline = _live_bytes()  # params and the current state: 5 MiB
+    snapshotter.maybe_save(state, step=t)
+    extra.append(_live_bytes() - baseline)
+    # What the Snapshotter holds when this state is replaced by the next.
+    last = () if snapshotter._last is None else snapshotter._last[1]
+    held = sum(x.nbytes for x in jax.tree.leaves(last)
+               if not any(x is y for y in jax.tree.leaves(state)))
+    extra.append(held)
+  # Held at most: the carried integer leaf and the count of an update step
+  # (before the fix: a whole optimizer state, 4 MiB, when not donated).
+  assert max(extra) <= 16, extra
+  snapshotter.close()
+  assert snapshotter.steps == (3 - 3 % update_every,)
+  np.testing.assert_array_equal(
+      posthoc.synthesize(tmp_path, sigma_rel=0.1)["w"],
+      ema_jax.ema_params(state, index=1)["w"],
+  )
 
 
 def test_a_redone_step_of_all_zero_averages_matches(tmp_path):
   params = jnp.zeros(3)
-  for _ in range(2):  # the same run twice: its step 2 is redone
-    with posthoc.Snapshotter(tmp_path, every=2) as snapshotter:
+  for existing in ("refuse", "resume"):  # the same run twice: step 2 is redone
+    with posthoc.Snapshotter(tmp_path, every=2, existing=existing) as snapshotter:
       tx = snapshotter.ema()
       state = tx.init(params)
       for t in range(1, 3):

@@ -76,8 +76,9 @@ def run_until(directory, rng, steps, kill: bool) -> str:
 
 
 def steps_on_disk(directory) -> tuple[int, ...]:
-  with posthoc.Snapshotter(directory, every=load_worker().EVERY) as snapshotter:
-    return snapshotter.steps
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(directory) as manager:
+    return tuple(sorted(manager.all_steps()))
 
 
 def synthesized(directory, step=None):

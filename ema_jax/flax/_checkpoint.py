@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.training import train_state
 
+from ema_jax import posthoc
 from ema_jax.flax import _hook
 from ema_jax.flax import _linen
 from ema_jax.flax import _nnx
@@ -60,7 +62,17 @@ def save_checkpoint(
     **kwargs: passed to `manager.save` (e.g. `force=True`).
 
   Returns:
-    What `manager.save` returns: whether a checkpoint was saved.
+    What `manager.save` returns: whether a checkpoint was saved (with an
+    asynchronous manager: started, in a directory checked to take files
+    just before; a write that fails in the background is raised by the next
+    `save_checkpoint`, or by `manager.wait_until_finished()`).
+
+  Raises:
+    ValueError: when two leaves would have one name in the checkpoint (Orbax
+      joins keys with dots: `"a.b"` and `a/b`), naming both.
+    RuntimeError: when this checkpoint, or an earlier asynchronous one,
+      could not be written: the message names the step, the directory and
+      the cause.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax, ema_jax.flax
@@ -78,7 +90,28 @@ def save_checkpoint(
   item: Any = target
   if _target.is_nnx(target, optimizer):
     item = _nnx_item(cast(nnx.Module, target), cast(nnx.Optimizer, optimizer))
-  return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
+  posthoc._check_orbax_names(item, f"Cannot checkpoint step {step}")
+  where = f"The checkpoint of step {step}"
+  _check_earlier(manager, manager.check_for_errors)
+  try:
+    if "://" not in str(manager.directory):
+      # Orbax creates the step's directory in the background: a local
+      # directory that cannot take it fails here, before the save is reported.
+      with tempfile.TemporaryFile(dir=manager.directory):
+        pass
+    return manager.save(step, args=ocp.args.StandardSave(item), **kwargs)
+  except OSError as e:
+    raise posthoc._failed_save(str(manager.directory), where, e) from e
+
+
+def _check_earlier(manager: Any, check: Any) -> None:
+  """Raise the failure of an earlier asynchronous save, naming the directory."""
+  try:
+    check()
+  except Exception as e:
+    raise posthoc._failed_save(
+        str(manager.directory), "An earlier asynchronous checkpoint", e
+    ) from e
 
 
 @overload
@@ -154,9 +187,14 @@ def restore_checkpoint(
   Returns:
     The restored `TrainState` (Linen), or `None` (NNX, restored in place).
 
+  A checkpoint still being written asynchronously is waited for first.
+
   Raises:
-    FileNotFoundError: no checkpoint in `manager`.
-    ValueError: the checkpoint does not fit the template.
+    FileNotFoundError: no checkpoint in `manager`, or none of `step` (the
+      message lists the steps there).
+    ValueError: the checkpoint does not fit the template, or is not one
+      `save_checkpoint` writes (another Orbax layout: `PyTreeSave`,
+      `Composite`; the message names the items found).
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, optax, ema_jax, ema_jax.flax
@@ -186,6 +224,9 @@ def restore_checkpoint(
     >>> restored.params["w"], restored.opt_state[1].count, restored.opt_state[1].ema["w"]
     (Array([3.], dtype=float32), Array(0, dtype=int32), Array([3.], dtype=float32))
   """
+  # A save still being written asynchronously is finished first (as Orbax's
+  # own restore does), so that it can be read and its metadata checked.
+  _check_earlier(manager, manager.wait_until_finished)
   if step is None:
     step = manager.latest_step()
     if step is None:
@@ -222,13 +263,27 @@ def restore_checkpoint(
   def rebuilt() -> Any:
     return jax.tree.unflatten(treedef, [values.get(n, template[n]) for n in template])
 
+  def check_filled() -> None:
+    # Every leaf comes from the checkpoint or a fresh EMA, never the template.
+    unfilled = [n for n in template if n not in values]
+    if unfilled:
+      raise ValueError(
+          f"{where}: `missing_ema=\"init\"` could not start "
+          f"{', '.join(f'`{n}`' for n in unfilled[:5])} from the restored "
+          "params (the optimizer's `init` gives other leaves); restore "
+          'without `missing_ema="init"` into the chain the checkpoint was '
+          "written with."
+      )
+
   if not nnx_target:
     if len(values) < len(template):  # missing_ema="init": EMA from the params
       _fill(values, _linen.fresh_ema(rebuilt()))
+      check_filled()
     return rebuilt()
   if len(values) < len(template):
     nnx.update(model, rebuilt()["model"])
     _fill(values, _nnx.fresh_ema(model, nnx_optimizer))
+    check_filled()
   restored = rebuilt()
   nnx.update(model, restored["model"])
   nnx.update(nnx_optimizer, restored["optimizer"])

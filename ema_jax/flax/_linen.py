@@ -16,7 +16,13 @@ from ema_jax.flax._restore import named_leaves
 
 # Flax's marker for params that are overwritten by their "gradient" (fp8
 # scales): they have no optimizer state, so no EMA either.
-_OWG = "overwrite_with_gradient"
+_OWG = "_overwrite_with_gradient"  # flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT
+
+
+def _fp8(params: Any) -> bool:
+  """Whether a TrainState's params are Flax's fp8 form: the optimizer (and
+  so the EMA) sees `params["params"]` only."""
+  return not isinstance(params, jax.Array) and _OWG in params
 
 
 def _no_updates(tree: Any) -> Any:
@@ -203,7 +209,7 @@ def toggle(state: Any, which: int | None, index: int | None = None) -> Any:
   """Swap the params (and the stats, when averaged) with their EMA, either way."""
   swapped(state, which)  # checks that params and stats are in the same form
   params = state.params
-  owg = not isinstance(params, jax.Array) and _OWG in params
+  owg = _fp8(params)
   inner = params["params"] if owg else params
   inner, opt_state = ema_jax.swap(inner, state.opt_state, which=which, index=index)
   if owg:
@@ -222,7 +228,8 @@ def toggle(state: Any, which: int | None, index: int | None = None) -> Any:
 def layout(state: Any) -> list[tuple[str, str, Any]]:
   """(leaf name, averaged tree's leaf name, state) of what may hold EMA states;
   the optimizer state first."""
-  parts = [("opt_state", "params", state.opt_state)]
+  parts = [("opt_state", "params.params" if _fp8(state.params) else "params",
+            state.opt_state)]
   if getattr(state, "stats_ema", None) is not None:
     parts.append(("stats_ema", "batch_stats", state.stats_ema))
   return parts
@@ -231,7 +238,8 @@ def layout(state: Any) -> list[tuple[str, str, Any]]:
 def fresh_ema(state: Any) -> dict[str, Any]:
   """A new optimizer (and statistics') state for the state's params, by leaf
   name: its EMA states start as a copy of them, count 0."""
-  fresh = named_leaves(state.tx.init(state.params), "opt_state")
+  params = state.params["params"] if _fp8(state.params) else state.params
+  fresh = named_leaves(state.tx.init(params), "opt_state")
   stats_tx = getattr(state, "stats_tx", None)
   if stats_tx is not None:
     fresh.update(named_leaves(stats_tx.init(state.batch_stats), "stats_ema"))

@@ -23,33 +23,34 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from typing import Any, Iterable, Literal, Mapping
 
 import jax
 import numpy as np
 
 from ema_jax import _state
+from ema_jax import posthoc
+from ema_jax.posthoc import _key_name as key_name
 
 MissingEma = Literal["error", "init"]
 _LIMIT = 12  # problems listed in a message
 
 
-def key_name(key: Any) -> str:
-  """One path entry as Orbax writes it in a leaf name."""
-  for attr in ("key", "idx", "name"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def named_leaves(tree: Any, prefix: str = "", suffix: str = "", **kw: Any) -> dict[str, Any]:
-  """`{"prefix.a.0.b" + suffix: leaf}` in the tree's leaf order."""
+  """`{"prefix.a.0.b" + suffix: leaf}` in the tree's leaf order.
+
+  Raises ValueError when two leaves have one name (`"a.b"` and `a/b`).
+  """
   flat = jax.tree_util.tree_flatten_with_path(tree, **kw)[0]
-  return {
+  out = {
       ".".join([prefix, *map(key_name, path)] if prefix else map(key_name, path))
       + suffix: leaf
       for path, leaf in flat
   }
+  if len(out) < len(flat):
+    posthoc._check_orbax_names(tree, "This training state cannot be checkpointed")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +69,18 @@ class Average:
 
   def raw_name(self, name: str) -> str | None:
     """Where a swapped checkpoint keeps the raw value of template leaf `name`."""
+    if name == self.root:  # the params are one array
+      return f"{self.prefix}.raw_params"
     if name.startswith(self.root + "."):
       return f"{self.prefix}.raw_params.{name[len(self.root) + 1:]}"
     return None
+
+  def internal(self, name: str) -> bool:
+    """Whether saved leaf `name` is this state's swapped-only bookkeeping."""
+    return any(
+        name == f"{self.prefix}.{field}" or name.startswith(f"{self.prefix}.{field}.")
+        for field in ("raw_params", "index")
+    )
 
 
 def averages(opt_state: Any, prefix: str, root: str) -> list[Average]:
@@ -102,19 +112,42 @@ def _same(a: Any, b: Any) -> bool:
   return sa == sb and (da is None or db is None or da == db)
 
 
+def _children(tree: Any) -> tuple[list[Any], Any] | None:
+  """A pytree node's children and how to rebuild it; `None` for a leaf."""
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is not tree)
+  if jax.tree_util.treedef_is_leaf(treedef):  # `tree` is a leaf itself
+    return None
+  return leaves, treedef
+
+
 def _strip(tree: Any) -> list[Any]:
   """`tree` with the EMA states left out of its chains, every way a chain
-  without them can look (a chain of one element is that element's state)."""
-  if type(tree) is not tuple:  # not a chain: an EMA state (maybe masked), or not
-    leaves = jax.tree.leaves(tree, is_leaf=_state.is_state)
-    removed = leaves and all(map(_state.is_state, leaves))
-    return [None if removed else tree]
-  out = []
-  for combo in itertools.product(*map(_strip, tree)):
-    kept = tuple(x for x in combo if x is not None)
-    out.append(kept)
-    if len(kept) == 1:
-      out.append(kept[0])
+  without them can look (a chain of one element is that element's state),
+  inside any wrapper's state (`MultiSteps`, `apply_if_finite`, `masked`,
+  `multi_transform`, `inject_hyperparams`): the wrapper then wraps the chain
+  without the EMA."""
+  out: list[Any] = []
+  if type(tree) is tuple:  # a chain
+    for combo in itertools.product(*map(_strip, tree)):
+      kept = tuple(x for x in combo if x is not None)
+      out.append(kept)
+      if len(kept) == 1:
+        out.append(kept[0])
+    return out
+  if _state.is_state(tree):
+    return [None]
+  leaves = jax.tree.leaves(tree, is_leaf=_state.is_state)
+  node = _children(tree)
+  if node is None or not any(map(_state.is_state, leaves)):
+    return [tree]
+  children, treedef = node
+  out = [
+      jax.tree.unflatten(treedef, combo)
+      for combo in itertools.product(*map(_strip, children))
+      if all(c is not None for c in combo)  # a wrapper of nothing: not a chain
+  ]
+  if all(map(_state.is_state, leaves)):
+    out.append(None)  # a wrapped EMA state (`masked(ema)`): no element at all
   return out
 
 
@@ -176,7 +209,7 @@ def plan(
   if missing_ema not in ("error", "init"):
     raise ValueError(f'`missing_ema` must be "error" or "init", got {missing_ema!r}.')
   swapped = [
-      a for a in found if any(s.startswith(a.prefix + ".raw_params.") for s in saved)
+      a for a in found if any(a.raw_name(n) in saved for n in template)
   ]
   saved = {
       # A swapped state's count is saved with the swapped shape; it is read
@@ -193,10 +226,7 @@ def plan(
       if raw is not None and raw in saved:
         source[name] = raw
         shown_ema.append(name)
-  internal = [
-      s for a in swapped for s in saved
-      if s.startswith((a.prefix + ".raw_params.", a.prefix + ".index"))
-  ]
+  internal = [s for a in swapped for s in saved if a.internal(s)]
   diff = _diff(saved, template, source, [*internal, *shown_ema])
   if not diff:
     return dict(source)
@@ -305,14 +335,45 @@ def _message(
   )
 
 
+def _layout(step_dir: Any) -> dict[str, str] | None:
+  """Item name -> handler class name of a step, from Orbax's step record."""
+  try:
+    record = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+    return {k: str(v).rsplit(".", 1)[-1] for k, v in record["item_handlers"].items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None  # older Orbax: no record, the item's own metadata decides
+
+
 def saved_tree(manager: Any, step: int) -> Any:
-  """The metadata tree (leaf shapes and dtypes) of a `save_checkpoint` item."""
+  """The metadata tree (leaf shapes and dtypes) of a `save_checkpoint` item.
+
+  Raises FileNotFoundError for a step that has no checkpoint, ValueError for
+  a checkpoint of another layout than `save_checkpoint`'s.
+  """
   import orbax.checkpoint as ocp
 
+  steps = sorted(manager.all_steps())
+  if step not in steps:
+    raise FileNotFoundError(
+        f"No checkpoint of step {step} in {manager.directory}; the steps "
+        f"there are {steps}."
+    )
   # A manager reads an item's metadata only once a save or restore has told it
   # the item's handler; `save_checkpoint`'s is known, so read it directly. The
   # manager alone knows where its step directories are (their name format).
   step_dir = manager._get_read_step_directory(step, manager.directory)
+  items = _layout(step_dir)
+  if items is None and not (step_dir / "default").exists():
+    items = {p.name: "?" for p in step_dir.iterdir() if p.is_dir()}
+  if items is not None and items != {"default": "StandardCheckpointHandler"}:
+    found = ", ".join(f"`{k}` ({v})" for k, v in sorted(items.items())) or "no item"
+    raise ValueError(
+        f"The checkpoint at step {step} in {manager.directory} is not one "
+        "`save_checkpoint` writes (a single item `default` saved with "
+        f"`ocp.args.StandardSave`): it holds {found}. Restore it with Orbax "
+        "and the args it was saved with, or write it with "
+        "`ema_jax.flax.save_checkpoint`."
+    )
   return ocp.StandardCheckpointHandler().metadata(step_dir / "default").tree
 
 
