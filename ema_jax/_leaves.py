@@ -177,11 +177,38 @@ def _differences(params: Any, tree: Any, name: str) -> str:
   return "; ".join(parts)
 
 
+def _expand_masked_nodes(params_def: Any, tree: Any) -> list[Any] | None:
+  """`tree`'s leaves aligned with the params' where an `optax.MaskedNode`
+  stands for a whole subtree (`optax.masked` with a prefix mask): one
+  MaskedNode per params leaf under it. `None` if that does not align either."""
+  params = jax.tree.unflatten(params_def, list(range(params_def.num_leaves)))
+  stored_def = jax.tree.structure(
+      tree, is_leaf=lambda v: v is None or isinstance(v, optax.MaskedNode)
+  )
+  try:
+    subtrees = stored_def.flatten_up_to(params)
+  except (ValueError, TypeError):
+    return None
+  out: list[Any] = []
+  for stored, sub in zip(stored_def.flatten_up_to(tree), subtrees):
+    indices = jax.tree.leaves(sub)
+    if isinstance(stored, optax.MaskedNode):
+      out.extend([stored] * len(indices))
+    elif indices == [sub]:  # one params leaf: the stored leaf stands for it
+      out.append(stored)
+    else:
+      return None
+  return out
+
+
 def flatten_like(params_def: Any, tree: Any, what: str) -> list[Any]:
   """Leaves of `tree` aligned with the leaves of `params_def` (None kept)."""
   try:
     return params_def.flatten_up_to(tree)
   except (ValueError, TypeError) as e:
+    expanded = None if what == "updates" else _expand_masked_nodes(params_def, tree)
+    if expanded is not None:
+      return expanded
     params = jax.tree.unflatten(params_def, [0] * params_def.num_leaves)
     name = "updates" if what == "updates" else f"the {what}"
     # Never the error's own text: under jit it prints tracers, not structure.

@@ -396,17 +396,24 @@ def reset(
   """
   which, found, treedef, leaves, n, _ = _align(params, opt_state, which)
   _checks.not_swapped(found, "`reset`")
-  ema = []
-  for _, p, e, kind in leaves:
-    if kind is not Kind.SKIP:
-      start = _engine.start_leaf(p, kind, _leaves.leaf_dtype(e), n)
-      e = _memory.placed_like(start, e)
-    ema.append(e)
+  starts = iter([
+      _memory.placed_like(
+          _engine.start_leaf(p, kind, _leaves.leaf_dtype(e), n), e
+      )
+      for _, p, e, kind in leaves
+      if kind is not Kind.SKIP
+  ])
+  # Into the state's own structure: an `optax.MaskedNode` standing for a
+  # whole subtree (a prefix mask) stays one node.
+  ema = jax.tree.map(
+      lambda e: e if _leaves.is_uncovered(e) else next(starts),
+      found.ema, is_leaf=_leaves.is_uncovered,
+  )
   norm = found.debias_norm
   # Restarted at the params with their full weight: with `debias=True` a norm
   # of 0 (a reset before any update) would let the next update copy over it.
   new = found._replace(
-      ema=jax.tree.unflatten(treedef, ema),
+      ema=ema,
       debias_norm=None if norm is None else jnp.ones_like(norm),
   )
   return _state.replace(opt_state, which, new)

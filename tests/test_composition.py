@@ -592,3 +592,35 @@ def test_a_container_change_under_jit_names_both_structures():
 def test_docstrings_name_the_exception_training_while_swapped_raises():
   for fn in (ema_jax.flax.TrainState.apply_gradients, ema_jax.flax.Optimizer.update):
     assert "RuntimeError" not in fn.__doc__ and "ValueError: wh" in fn.__doc__
+
+
+# ------------------------------------------ optax.masked with a prefix mask
+
+
+@pytest.mark.parametrize("wrap", ["masked", "multi_transform"])
+def test_a_prefix_mask_works_with_every_helper(wrap):
+  # The EMA then stores one optax.MaskedNode for the whole masked subtree.
+  params = {"a": {"w": jnp.asarray([1.0, 2.0])}, "b": {"w": jnp.ones(2), "v": jnp.ones(1)}}
+  inner = optax.chain(optax.sgd(1.0), ema_jax.ema(0.5))
+  if wrap == "masked":
+    tx = optax.masked(inner, {"a": True, "b": False})
+  else:
+    tx = optax.multi_transform({"ema": inner, "sgd": optax.sgd(1.0)}, {"a": "ema", "b": "sgd"})
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: -jnp.ones_like(x), params)
+  updates, state = tx.update(grads, state, params)
+  params = optax.apply_updates(params, updates)  # a: [2, 3], b: 2
+  ema_in, swapped = ema_jax.swap(params, state)
+  np.testing.assert_array_equal(ema_in["a"]["w"], [1.5, 2.5])
+  assert_bitwise_equal(ema_in["b"], params["b"])  # not covered: as it is
+  back, unswapped = ema_jax.swap(ema_in, swapped)
+  assert_bitwise_equal((back, unswapped), (params, state))
+  np.testing.assert_array_equal(ema_jax.blend(params, state, 1.0)["a"]["w"], [1.5, 2.5])
+  restarted = ema_jax.reset(state, params)
+  assert jax.tree.structure(restarted) == jax.tree.structure(state)
+  _, restarted = tx.update(grads, restarted, params)  # training goes on
+  ts = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+  exported = ema_jax.flax.export_ema(ts)["params"]
+  np.testing.assert_array_equal(exported["a"]["w"], ema_jax.ema_params(ts.opt_state)["a"]["w"])
+  with ema_jax.flax.ema_weights(ts) as swapped_ts:
+    np.testing.assert_array_equal(swapped_ts.params["a"]["w"], exported["a"]["w"])
