@@ -182,7 +182,7 @@ def _expand_masked_nodes(params_def: Any, tree: Any) -> list[Any] | None:
   stands for a whole subtree (`optax.masked` with a prefix mask): one
   MaskedNode per params leaf under it. `None` if that does not align either."""
   params = jax.tree.unflatten(params_def, list(range(params_def.num_leaves)))
-  stored_def = jax.tree.structure(
+  stored_def: Any = jax.tree.structure(
       tree, is_leaf=lambda v: v is None or isinstance(v, optax.MaskedNode)
   )
   try:

@@ -342,7 +342,9 @@ def blend(
   i = _index(found, index)
   traced = _checks.is_traced(alpha)
   # A traced alpha is clipped at run time as a decay's weight is.
-  weight = _engine.clip_weight(alpha) if traced else jnp.asarray(alpha)
+  weight = jnp.asarray(alpha)
+  if traced:
+    weight = _engine.clip_weight(weight)
   out = []
   for _, p, e, kind in leaves:
     if kind is Kind.AVERAGE and (traced or alpha > 0):
