@@ -52,7 +52,8 @@ def _lerp_(tgt: np.ndarray, end: np.ndarray, weight: float) -> None:
 
 # ---------------------------------------------------------------------------
 # timm: huggingface/pytorch-image-models timm/utils/model_ema.py, ModelEmaV3
-# (commits 0a044bf4, 7479d451), called from train.py as
+# (commits 0a044bf4, 7479d451; `get_decay` unchanged in the timm 1.0.31
+# wheel), called from train.py as
 # `num_updates += 1; model_ema.update(model, step=num_updates)`.
 
 
@@ -124,7 +125,7 @@ class TimmTrainLoopRef:
 
 # ---------------------------------------------------------------------------
 # diffusers: huggingface/diffusers src/diffusers/training_utils.py, EMAModel
-# at commit 953dcb1d, whose no-warm-up branch is `(1 + step) / (10 + step)`.
+# at commit 953dcb1d (`get_decay` unchanged in the diffusers 0.42.0 wheel), whose no-warm-up branch is `(1 + step) / (10 + step)`.
 # (A copy stored as commit 0623b186 has `self.decay` there instead; 953dcb1d
 # is the newer file, and the copies in other projects that use `self.decay`
 # keep the ramp as a commented-out line, so the ramp is upstream's.) The
@@ -193,10 +194,12 @@ class DiffusersTrainLoopRef:
 
 
 # ---------------------------------------------------------------------------
-# ema-pytorch: lucidrains/ema-pytorch ema_pytorch/ema_pytorch.py, EMA (current
-# `update()`: first call copies and returns; then `step % update_every`, with
-# `step` read before the increment and `get_current_decay` reading the buffer
-# after it). Called once per optimizer step: `ema.update()`.
+# ema-pytorch: lucidrains/ema-pytorch ema_pytorch/ema_pytorch.py, EMA, as in
+# the ema-pytorch 0.8.3 wheel (`update()`: first call copies and returns;
+# then `step % update_every`, with `step` read before the increment and
+# `get_current_decay` reading the buffer after it; `update_moving_average`
+# returns at once when `is_frozen = beta == 1.`). Called once per optimizer
+# step: `ema.update()`.
 
 
 class EmaPytorchEMARef:
@@ -219,6 +222,7 @@ class EmaPytorchEMARef:
     self.inv_gamma = inv_gamma
     self.power = power
     self.min_value = min_value
+    self.is_frozen = beta == 1.0
     self.initted = False
     self.step = 0
 
@@ -248,6 +252,8 @@ class EmaPytorchEMARef:
       self.update_moving_average(self.ema_model, self.model)
 
   def update_moving_average(self, ma_model: _Model, current_model: _Model):
+    if self.is_frozen:
+      return
     current_decay = self.get_current_decay()
     for tgt, src in zip(ma_model.params, current_model.params):
       _lerp_(tgt, src, 1.0 - current_decay)
@@ -571,6 +577,9 @@ _TIMM_CASES = [
     dict(decay=0.9999, use_warmup=True, warmup_gamma=2.0, warmup_power=0.75),
     # timm applies `min_decay` on the warm-up branch only.
     dict(decay=0.9, min_decay=0.95),
+    # `max(min(warm-up, decay), min_decay)`: a `min_decay` above `decay` wins.
+    dict(decay=0.9, use_warmup=True, min_decay=0.95),
+    dict(decay=0.5, use_warmup=True, min_decay=0.7, update_after_step=3),
 ]
 
 
@@ -592,6 +601,10 @@ def test_timm_matches_reference(kwargs):
         dict(decay=0.9999, use_ema_warmup=True, inv_gamma=2.0, power=0.75),
         # Without warm-up, diffusers still floors at `min_decay`.
         dict(decay=0.99, min_decay=0.6),
+        # `max(min(value, decay), min_decay)`: a `min_decay` above `decay` wins.
+        dict(decay=0.5, min_decay=0.8),
+        dict(decay=0.9, use_ema_warmup=True, min_decay=0.95),
+        dict(decay=0.5, use_ema_warmup=True, min_decay=0.7, update_after_step=3),
     ],
     ids=str,
 )
@@ -611,6 +624,12 @@ def test_diffusers_matches_reference(kwargs):
         (dict(update_after_step=20, update_every=10, min_value=0.5), 60),
         (dict(update_after_step=2, update_every=1, inv_gamma=3.0, power=0.75), 60),
         (dict(update_after_step=4, update_every=3, beta=0.6, min_value=0.3), 60),
+        # `beta == 1` freezes the average between its copies (`is_frozen`).
+        (dict(beta=1.0), 135),
+        (dict(beta=1.0, update_after_step=5, update_every=2), 60),
+        # `torch.clamp(min=min_value, max=beta)` with `min_value > beta` is `beta`.
+        (dict(update_after_step=3, update_every=1, beta=0.6, min_value=0.9), 60),
+        (dict(update_after_step=0, update_every=2, beta=0.0, min_value=0.5), 60),
     ],
     ids=str,
 )
@@ -848,3 +867,79 @@ def test_ema_pytorch_reference_decay_formula():
   ref = EmaPytorchEMARef(_Model([np.zeros(1)]), update_after_step=3, beta=0.99)
   ref.step = 8  # the buffer after the increment of call k = 7
   assert math.isclose(ref.get_current_decay(), 1 - (1 + 4) ** (-2 / 3))
+
+
+# ---------------------------------------------------------------------------
+# The edges: messages in each library's own parameter names.
+
+# ema_jax's names for arguments the library names otherwise.
+_FOREIGN = {
+    "keras": ("decay",),
+    "tfa": ("decay",),
+    "timm": ("inv_gamma", "power"),
+    "diffusers": (),
+    "ema_pytorch": ("decay", "min_decay"),
+}
+
+
+@pytest.mark.parametrize(
+    "preset, args, kwargs, name",
+    [
+        ("keras", (1.5,), {}, "ema_momentum"),
+        ("keras", (0.9,), dict(ema_overwrite_frequency=0), "ema_overwrite_frequency"),
+        ("tfa", (1.5,), {}, "average_decay"),
+        ("tfa", (-0.1,), dict(dynamic_decay=True), "average_decay"),
+        ("tfa", (1.5,), dict(num_updates=3), "average_decay"),
+        ("tfa", (0.9,), dict(num_updates=-1), "num_updates"),
+        ("tfa", (0.9,), dict(start_step=-1), "start_step"),
+        ("timm", (1.5,), {}, "decay"),
+        ("timm", (1.5,), dict(use_warmup=True), "decay"),
+        ("timm", (0.9,), dict(min_decay=1.5, use_warmup=True), "min_decay"),
+        ("timm", (0.9,), dict(min_decay=-1.0), "min_decay"),
+        ("timm", (0.9,), dict(use_warmup=True, warmup_gamma=0.0), "warmup_gamma"),
+        ("timm", (0.9,), dict(use_warmup=True, warmup_power=-1.0), "warmup_power"),
+        ("timm", (0.9,), dict(update_after_step=-1), "update_after_step"),
+        ("diffusers", (1.5,), {}, "decay"),
+        ("diffusers", (1.5,), dict(use_ema_warmup=True), "decay"),
+        ("diffusers", (0.9,), dict(min_decay=2.0), "min_decay"),
+        ("diffusers", (0.9,), dict(use_ema_warmup=True, inv_gamma=0.0), "inv_gamma"),
+        ("diffusers", (0.9,), dict(use_ema_warmup=True, power=0.0), "power"),
+        ("diffusers", (0.9,), dict(update_after_step=-2), "update_after_step"),
+        ("ema_pytorch", (1.5,), {}, "beta"),
+        ("ema_pytorch", (-0.5,), {}, "beta"),
+        ("ema_pytorch", (0.9,), dict(min_value=1.5), "min_value"),
+        ("ema_pytorch", (0.9,), dict(inv_gamma=0.0), "inv_gamma"),
+        ("ema_pytorch", (0.9,), dict(power=-2.0), "power"),
+        ("ema_pytorch", (0.9,), dict(update_after_step=-1), "update_after_step"),
+        ("ema_pytorch", (0.9,), dict(update_every=0), "update_every"),
+    ],
+    ids=str,
+)
+def test_preset_messages_use_the_library_names(preset, args, kwargs, name):
+  with pytest.raises(ValueError) as info:
+    getattr(presets, preset)(*args, **kwargs)
+  message = str(info.value)
+  assert f"`{name}`" in message, message
+  for other in _FOREIGN[preset]:
+    assert f"`{other}`" not in message, message
+
+
+def test_edges_by_hand():
+  # timm with warm-up and min_decay > decay: step 1 copies 6, then 0.9 throughout.
+  np.testing.assert_allclose(
+      _first_emas(presets.timm(0.5, use_warmup=True, min_decay=0.9), 3),
+      [6.0, 0.9 * 6 + 0.1 * 7, 0.9 * (0.9 * 6 + 0.1 * 7) + 0.1 * 8],
+      rtol=1e-6,
+  )
+  # ema-pytorch beta=1: copies at calls 0 and 2 (update_after_step=2,
+  # update_every=2), frozen at the copy of p_3 = 8 afterwards.
+  np.testing.assert_allclose(
+      _first_emas(presets.ema_pytorch(1.0, update_after_step=2, update_every=2), 8),
+      [6.0, 6.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0],
+  )
+  # ema-pytorch min_value > beta: clamp gives beta = 0.5 at every lerp.
+  np.testing.assert_allclose(
+      _first_emas(presets.ema_pytorch(0.5, update_after_step=0, update_every=1,
+                                      min_value=0.8), 3),
+      [6.0, 6.5, 7.25],
+  )
