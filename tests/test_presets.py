@@ -261,9 +261,11 @@ class EmaPytorchEMARef:
 
 class EmaPytorchTrainLoopRef:
 
+  ref_cls: type = EmaPytorchEMARef
+
   def __init__(self, model: _Model, **kwargs: Any):
     self.model = model
-    self.ema_obj = EmaPytorchEMARef(model, **kwargs)
+    self.ema_obj = self.ref_cls(model, **kwargs)
 
   def train_step(self, optimizer_step: Callable[[], None]) -> None:
     optimizer_step()
@@ -447,6 +449,106 @@ class KerasTrainLoopRef:
 
 
 # ---------------------------------------------------------------------------
+# TensorFlow 2: tensorflow/python/training/moving_averages.py,
+# `ExponentialMovingAverage` and `_zero_debias` (unchanged in substance from
+# TF 2.0 to 2.21), wired as TF2 training loops do:
+# `ema = ExponentialMovingAverage(decay, num_updates=optimizer.iterations)`
+# and `ema.apply(vars)` after `optimizer.apply_gradients`, which has already
+# incremented `iterations`. A variable's shadow is created at the first
+# `apply()` from the variable's value then; a tensor's is zeros, and with
+# `zero_debias=True` it reads `biased / (1 - decay ** local_step)`, with the
+# decay of the current step.
+
+
+class TfExponentialMovingAverageRef:
+
+  def __init__(self, decay: float, zero_debias: bool = False, tensors: bool = False):
+    self._decay = decay
+    self._zero_debias = zero_debias
+    self._tensors = tensors
+    self._averages: list[np.ndarray] | None = None
+
+  def apply(self, var_list: list[np.ndarray], num_updates: int) -> None:
+    if self._averages is None:
+      if self._tensors:  # create_zeros_slot
+        self._averages = [np.zeros_like(v) for v in var_list]
+        self._biased = [np.zeros_like(v) for v in var_list]
+        self._local_step = 0
+      else:  # create_slot(var, var.read_value())
+        self._averages = [v.copy() for v in var_list]
+    decay = min(self._decay, (1.0 + num_updates) / (10.0 + num_updates))
+    one_minus_decay = 1.0 - decay  # assign_moving_average
+    if self._tensors and self._zero_debias:
+      self._local_step += 1
+      for avg, biased, value in zip(self._averages, self._biased, var_list):
+        biased -= (biased - value) * one_minus_decay
+        avg[...] = biased / (1 - (1.0 - one_minus_decay) ** self._local_step)
+    else:
+      for avg, value in zip(self._averages, var_list):
+        avg -= (avg - value) * one_minus_decay
+
+
+class TfTrainLoopRef:
+
+  def __init__(self, model: _Model, **kwargs: Any):
+    self.model = model
+    self.ema_obj = TfExponentialMovingAverageRef(**kwargs)
+    self.iterations = 0
+
+  def train_step(self, next_values: list[np.ndarray]) -> None:
+    for var, value in zip(self.model.params, next_values):  # apply_gradients
+      var[...] = value
+    self.iterations += 1
+    self.ema_obj.apply(self.model.params, num_updates=self.iterations)
+
+  @property
+  def ema(self) -> list[np.ndarray]:
+    return self.ema_obj._averages
+
+
+# ---------------------------------------------------------------------------
+# ema-pytorch's KarrasEMA: ema_pytorch/post_hoc_ema.py in the ema-pytorch
+# 0.8.3 wheel. `update()` reads `step`, increments the buffer, returns unless
+# `step % update_every == 0`, copies on its first acting call, then lerps with
+# `beta = (1 - 1 / (buffer + 1)) ** (1 + gamma)`, the buffer read after the
+# increment.
+
+
+class KarrasEMARef:
+
+  def __init__(self, model: _Model, gamma: float, update_every: int = 100):
+    self.model = model
+    self.ema_model = copy.deepcopy(model)
+    self.gamma = gamma
+    self.update_every = update_every
+    self.initted = False
+    self.step = 0
+
+  @property
+  def beta(self) -> float:
+    return (1.0 - 1.0 / (self.step + 1.0)) ** (1.0 + self.gamma)
+
+  def update(self) -> None:
+    step = self.step
+    self.step += 1
+    if step % self.update_every != 0:
+      return
+    if not self.initted:
+      for ma, cur in zip(self.ema_model.params, self.model.params):
+        ma[...] = cur
+      self.initted = True
+    current_decay = self.beta
+    for tgt, src in zip(self.ema_model.params, self.model.params):
+      _lerp_(tgt, src, 1.0 - current_decay)
+
+
+class KarrasEMATrainLoopRef(EmaPytorchTrainLoopRef):
+  """Called as ema-pytorch's `EMA` is: `update()` after each optimizer step."""
+
+  ref_cls = KarrasEMARef
+
+
+# ---------------------------------------------------------------------------
 # The driver.
 
 
@@ -476,7 +578,10 @@ def _callback_loop(loop: Any) -> Callable[[list[np.ndarray]], None]:
 
 def _make_loop(cls: type, model: _Model, kwargs: dict[str, Any]):
   loop = cls(model, **kwargs)
-  if cls in (TimmTrainLoopRef, DiffusersTrainLoopRef, EmaPytorchTrainLoopRef):
+  if cls in (
+      TimmTrainLoopRef, DiffusersTrainLoopRef, EmaPytorchTrainLoopRef,
+      KarrasEMATrainLoopRef,
+  ):
     return loop, _callback_loop(loop)
   return loop, loop.train_step
 
@@ -487,7 +592,13 @@ def _run_parity(
     ref_kwargs: dict[str, Any],
     steps: int,
     seed: int = 0,
+    *,
+    start: Callable[[Any], Any] | None = None,
+    read: Callable[[Any, int], Any] = lambda state, t: ema_jax.ema_params(state),
 ) -> None:
+  """`start(params)`, if given, is where the average starts (`ema_jax.reset`);
+  `read(state, t)` is what is compared with the reference's average after
+  update `t`."""
   rng = np.random.default_rng(seed)
   params = _init_params(rng)
   leaves, treedef = jax.tree.flatten(params)
@@ -497,6 +608,8 @@ def _run_parity(
   tx = optax.chain(optax.sgd(LR), preset)
   jparams = jax.tree.map(jnp.asarray, params)
   state = tx.init(jparams)
+  if start is not None:
+    state = ema_jax.reset(state, start(jparams))
 
   @jax.jit
   def step(params, state, grads):
@@ -515,7 +628,7 @@ def _run_parity(
     jparams, state = step(jparams, state, treedef.unflatten(g_leaves))
 
     p_leaves = [np.asarray(x) for x in jax.tree.leaves(jparams)]
-    e_leaves = [np.asarray(x) for x in jax.tree.leaves(ema_jax.ema_params(state))]
+    e_leaves = [np.asarray(x) for x in jax.tree.leaves(read(state, t))]
     for i, (p, e, p_ref, e_ref) in enumerate(
         zip(p_leaves, e_leaves, model.params, loop.ema)
     ):
@@ -943,3 +1056,100 @@ def test_edges_by_hand():
                                       min_value=0.8), 3),
       [6.0, 6.5, 7.25],
   )
+
+
+# ---------------------------------------------------------------------------
+# The documented differences: the recipes of docs/migrating.md against the
+# references above.
+
+
+def tf2_recipe(decay: float) -> optax.GradientTransformation:
+  # The shadow is the params after update 1; update t reads the ramp at t.
+  def ramp(j: Any) -> Any:
+    t = jnp.asarray(j, jnp.float32) + 2.0
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+  return ema_jax.ema(ramp, start_step=1)
+
+
+def tf_zero_debias_ramp(decay: float) -> Callable[[Any], Any]:
+  # The biased accumulator's decay at update t = k + 1: the ramp at t.
+  def ramp(k: Any) -> Any:
+    t = jnp.asarray(k, jnp.float32) + 1.0
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+  return ramp
+
+
+def tf_zero_debias_read(decay: float) -> Callable[[Any, int], Any]:
+  def read(state: Any, t: int) -> Any:
+    d_t = min(decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda b: b / (1 - d_t**t), ema_jax.ema_params(state))
+
+  return read
+
+
+def karras_ema_recipe(gamma: float, update_every: int) -> optax.GradientTransformation:
+  power = ema_jax.power_decay(gamma=gamma)
+
+  def decay(j: Any) -> Any:
+    # KarrasEMA's beta on the calls it acts on, 1 (no change) on the others,
+    # so the engine's product over `update_every` steps is KarrasEMA's beta.
+    return jnp.where((j + 1) % update_every == 0, power(j + 2), 1.0)
+
+  return ema_jax.ema(decay, start_step=1, update_every=update_every)
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.9, 0.5])
+def test_tf2_recipe_matches_tf2_wiring(decay):
+  _run_parity(tf2_recipe(decay), TfTrainLoopRef, dict(decay=decay), steps=60)
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.9])
+def test_tf_zero_debias_recipe_matches_tf(decay):
+  _run_parity(
+      ema_jax.ema(tf_zero_debias_ramp(decay)),
+      TfTrainLoopRef,
+      dict(decay=decay, zero_debias=True, tensors=True),
+      steps=60,
+      start=lambda params: jax.tree.map(jnp.zeros_like, params),
+      read=tf_zero_debias_read(decay),
+  )
+
+
+def test_tf_zero_debias_equals_debias_for_a_constant_decay_only():
+  # A decay below the ramp's first value (2/11) is constant: TF's divisor
+  # `1 - d ** t` is then the total weight that `debias` divides by.
+  _run_parity(
+      ema_jax.ema(0.1, debias=True), TfTrainLoopRef,
+      dict(decay=0.1, zero_debias=True, tensors=True), steps=30,
+  )
+  # With the ramp they differ (docs/migrating.md gives the size).
+  with pytest.raises(AssertionError):
+    _run_parity(
+        ema_jax.ema(tf_zero_debias_ramp(0.99), debias=True), TfTrainLoopRef,
+        dict(decay=0.99, zero_debias=True, tensors=True), steps=30,
+    )
+
+
+@pytest.mark.parametrize("update_every", [1, 3, 10])
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
+def test_karras_ema_recipe_matches_ema_pytorch(update_every, sigma_rel):
+  gamma = ema_jax.sigma_rel_to_gamma(sigma_rel)
+  _run_parity(
+      karras_ema_recipe(gamma, update_every),
+      KarrasEMATrainLoopRef,
+      dict(gamma=gamma, update_every=update_every),
+      steps=60,
+  )
+
+
+def test_karras_ema_is_one_step_off_edm2():
+  # EDM2's decay at update t is (1 - 1/t) ** (gamma + 1), `power_decay`;
+  # KarrasEMA's is (1 - 1/(t + 1)) ** (gamma + 1).
+  gamma = ema_jax.sigma_rel_to_gamma(0.05)
+  with pytest.raises(AssertionError):
+    _run_parity(
+        ema_jax.ema(ema_jax.power_decay(gamma=gamma)),
+        KarrasEMATrainLoopRef, dict(gamma=gamma, update_every=1), steps=30,
+    )
