@@ -263,10 +263,13 @@ def index(value: Any, n: int) -> int:
 
 def not_swapped(state: Any, where: str) -> None:
   """The one refusal of a swapped state, whoever receives it."""
-  if isinstance(state, _state.SWAPPED_TYPES):
+  if _state.is_swapped_form(state):
     raise ValueError(
-        f"ema_jax: {where} got a swapped EMA state ({type(state).__name__}): "
-        "the EMA weights are in `params` and the raw weights are held in the "
-        "optimizer state. Swap back first: "
-        "`params, opt_state = ema_jax.swap(params, opt_state)`."
+        f"ema_jax: {where} got a swapped EMA state ({type(state).__name__} "
+        f"with a count of shape {jnp.shape(state.count)}): the EMA weights "
+        "are in the params and the raw weights are held in the optimizer "
+        "state. Swap back first: `params, opt_state = ema_jax.swap(params, "
+        "opt_state)`, or leave `ema_jax.flax.ema_weights(...)` / call the "
+        "hook's `on_test_end` before training (a step compiled with "
+        "`nnx.cached_partial` sees the swap through the count's shape)."
     )

@@ -257,17 +257,18 @@ def swap(
   if swapped:
     rest = (found.debias_norm, found.rounding_key)
     new = (_state.MultiEmaState if multi else _state.EmaState)(
-        found.count, found.ema, *rest
+        _state.unswapped_count(found.count), found.ema, *rest
     )
   elif multi:
     new = _state.SwappedMultiEmaState(
-        found.count, found.ema, jax.tree.unflatten(treedef, raw),
+        _state.swapped_count(found.count), found.ema,
+        jax.tree.unflatten(treedef, raw),
         jnp.asarray(i, jnp.int32), found.debias_norm, found.rounding_key,
     )
   else:
     new = _state.SwappedEmaState(
-        found.count, found.ema, jax.tree.unflatten(treedef, raw),
-        found.debias_norm, found.rounding_key,
+        _state.swapped_count(found.count), found.ema,
+        jax.tree.unflatten(treedef, raw), found.debias_norm, found.rounding_key,
     )
   return jax.tree.unflatten(treedef, out), _state.replace(state, which, new)
 
