@@ -500,3 +500,25 @@ def test_checkpoint_roundtrip_and_refusal_of_an_ema_checkpoint():
     manager.wait_until_finished()
     with pytest.raises(ValueError, match=r"opt_state\.1\.average"):
       flax_helpers.restore_checkpoint(manager, make(ema_jax.bema(update_freq=1)))
+
+
+def test_example_smoke(tmp_path):
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, str(root / "examples" / "bema.py"), "--smoke", "--out", str(out)],
+      capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=True,
+  )
+  lines = result.stdout.splitlines()
+  header = lines.index(next(l for l in lines if l.split()[:1] == ["step"]))
+  assert lines[header].split() == ["step", "params", "EMA", "BEMA", "BEMA-TRL"]
+  rows = [l.split() for l in lines[header + 1 : header + 5]]
+  assert [int(r[0]) for r in rows] == [10, 50, 100, 200]
+  assert all(float(v) >= 0 for r in rows for v in r[1:])
+  assert (out / "bema.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
