@@ -522,3 +522,40 @@ def test_example_smoke(tmp_path):
   assert [int(r[0]) for r in rows] == [10, 50, 100, 200]
   assert all(float(v) >= 0 for r in rows for v in r[1:])
   assert (out / "bema.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nnx_optimizer_and_ema_weights():
+  pytest.importorskip("ema_jax.flax")
+  from flax import nnx
+
+  model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  tx = optax.chain(optax.sgd(0.1), ema_jax.bema(update_freq=1, lag=1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((3, 4))
+  for _ in range(3):
+    optimizer.update(model, nnx.grad(lambda m: (m(x) ** 2).sum())(model))
+  raw = nnx.as_pure(nnx.state(model, nnx.Param))
+  bema_weights = ema_jax.ema_params(nnx.as_pure(optimizer.opt_state))
+  with ema_jax.flax.ema_weights(model, optimizer) as m:
+    inside = nnx.as_pure(nnx.state(m, nnx.Param))
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(bema_weights)):
+      np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Param))),
+                  jax.tree.leaves(raw)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sharded_update_has_no_collectives():
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+  params = {"w": jax.device_put(jnp.ones((8, 16)), sharding)}
+  tx = optax.chain(optax.sgd(0.1), ema_jax.bema(update_freq=2))
+  state = tx.init(params)
+
+  def step(p, s):
+    u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+    return optax.apply_updates(p, u), s
+
+  text = jax.jit(step).lower(params, state).compile().as_text()
+  for op in ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all"):
+    assert f" {op}(" not in text and f" {op}-start(" not in text, op
