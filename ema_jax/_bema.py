@@ -215,10 +215,11 @@ def bema(
     treedef = jax.tree.structure(params)
     weights, origin = [], []
     for e, kind in zip(_leaves.flatten_like(treedef, start.ema, "EMA"), kinds):
-      # Copies of the engine's start (the params in the average's dtype).
-      weights.append(None if e is None else _memory.put(_engine.copy(e), memory_kind))
+      # Copies of the engine's start (the params in the average's dtype),
+      # placed as the engine places them (carried leaves where the params are).
+      weights.append(None if e is None else _memory.same_memory_as(_engine.copy(e), e))
       origin.append(
-          _memory.put(_engine.copy(e), memory_kind) if kind is Kind.AVERAGE else None
+          _memory.same_memory_as(_engine.copy(e), e) if kind is Kind.AVERAGE else None
       )
     return BemaState(
         weights=EmaState(start.count, jax.tree.unflatten(treedef, weights)),
@@ -308,7 +309,7 @@ def bema(
         w, o = by_index[i]
       elif kind is Kind.CARRY:
         # The latest value, as the engine carries it (a buffer of its own).
-        w = _memory.put(_engine.copy(a_leaves[i]), memory_kind)
+        w = _engine.copy(a_leaves[i])
       weights.append(w)
       origin.append(o)
     return updates, BemaState(
