@@ -247,6 +247,12 @@ def ema_dtype(value: Any) -> np.dtype | None:
         f"complex64/complex128 for complex params), got {dtype}. Narrower "
         "floats cannot resolve `1 - decay`."
     )
+  if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+    raise ValueError(
+        f"`ema_dtype={dtype}` needs 64-bit JAX, which is off: JAX would keep "
+        "the average in 32 bits. Turn it on first "
+        "(`jax.config.update('jax_enable_x64', True)`), or pass a 32-bit dtype."
+    )
   return dtype
 
 

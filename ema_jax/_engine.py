@@ -191,6 +191,40 @@ def average_leaf(
   return _rounding.stochastic_round(mixed, key)
 
 
+def overwrite_dtype(p: Any, u: Any) -> np.dtype:
+  """The updates' dtype when the EMA is written back: float32 or wider, so
+  that `p + u` can reach a bfloat16/float16 param's EMA exactly."""
+  return np.dtype(jnp.promote_types(_leaves.compute_dtype(_leaves.leaf_dtype(p)), u.dtype))
+
+
+def overwrite_update(p: Any, u: Any, e: jax.Array) -> jax.Array:
+  """The update `u` with `optax.apply_updates(p, u)` equal to the EMA `e`.
+
+  The target is `e` in the params' dtype, what Keras assigns. The update is
+  in `overwrite_dtype`: for bfloat16/float16 params `p + u` is then exactly
+  the target unless the param is over 2**16 (float16: 2**13) times its EMA;
+  for float32 params (and there) it is the `p + u` nearest the target that a
+  float32 update reaches (no float32 `u` gives `0.3 + u == -0.001` exactly).
+  Of `round(target - p)` and its two neighbours, the one landing nearest.
+  """
+  p_dtype = _leaves.leaf_dtype(p)
+  dtype = overwrite_dtype(p, u)
+  target = e.astype(p_dtype)
+  pf, tf = jnp.asarray(p).astype(dtype), target.astype(dtype)
+  first = tf - pf
+  best, best_miss = first, None
+  for candidate in (first, jnp.nextafter(first, -jnp.inf), jnp.nextafter(first, jnp.inf)):
+    landed = (pf + candidate).astype(p_dtype).astype(dtype)
+    miss = jnp.abs(landed - tf)
+    if best_miss is None:
+      best_miss = miss
+      continue
+    closer = miss < best_miss
+    best = jnp.where(closer, candidate, best)
+    best_miss = jnp.where(closer, miss, best_miss)
+  return best
+
+
 def _stack(x: jax.Array, n: int) -> jax.Array:
   stacked = jnp.broadcast_to(x[None], (n, *jnp.shape(x)))
   sharding = getattr(x, "sharding", None)
@@ -370,14 +404,36 @@ def transformation(
     else:
       new_list = average(old) if bool(step.active) else old
     new_averages = dict(zip(averaged, new_list))
+    if overwrite is not None:
+      # Keras' `ema_overwrite_frequency`: the params become the EMA.
+      written = [i for i in averaged if u_leaves[i] is not None]
+
+      def write_back(us: list[Any]) -> list[Any]:
+        return [
+            overwrite_update(
+                p_leaves[i], u, _memory.put(new_averages[i], on_device)
+            )
+            for i, u in zip(written, us)
+        ]
+
+      def keep(us: list[Any]) -> list[Any]:
+        return [
+            u.astype(overwrite_dtype(p_leaves[i], u)) for i, u in zip(written, us)
+        ]
+
+      us = [u_leaves[i] for i in written]
+      if isinstance(overwrite, jax.core.Tracer):
+        us = jax.lax.cond(overwrite, write_back, keep, us)
+      else:
+        us = write_back(us) if bool(overwrite) else keep(us)
+      u_leaves = list(u_leaves)
+      for i, u in zip(written, us):
+        u_leaves[i] = u
     new_ema, new_updates = [], []
     for i, (p, u, kind) in enumerate(zip(p_leaves, u_leaves, kinds)):
       e = e_leaves[i]
       if kind is Kind.AVERAGE:
         e = new_averages[i]
-        if overwrite is not None and u is not None:
-          e_p = _memory.put(e, on_device).astype(_leaves.leaf_dtype(p))
-          u = jnp.where(overwrite, (e_p - p).astype(u.dtype), u)
       elif kind is Kind.CARRY:
         e = copy(apply_update(p, u))
       new_ema.append(e)

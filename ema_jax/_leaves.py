@@ -30,8 +30,13 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def leaf_dtype(x: Any) -> np.dtype:
-  """The dtype of a leaf, Python scalars included (as optax gives them)."""
-  return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+  """The dtype of a leaf as JAX holds it: Python scalars as optax gives them,
+  NumPy float64 as float32 when x64 is off (JAX converts them so)."""
+  if not hasattr(x, "dtype"):
+    return jnp.asarray(x).dtype
+  if isinstance(x, (np.ndarray, np.generic)):
+    return jax.dtypes.canonicalize_dtype(x.dtype)
+  return x.dtype
 
 
 def is_float(x: Any) -> bool:
@@ -179,7 +184,11 @@ def flatten_like(params_def: Any, tree: Any, what: str) -> list[Any]:
   except (ValueError, TypeError) as e:
     params = jax.tree.unflatten(params_def, [0] * params_def.num_leaves)
     name = "updates" if what == "updates" else f"the {what}"
-    where = _differences(params, tree, name) or str(e)
+    # Never the error's own text: under jit it prints tracers, not structure.
+    where = _differences(params, tree, name) or (
+        "the same leaf paths in other containers: params are "
+        f"{params_def}, {name} {jax.tree.structure(tree, is_leaf=lambda v: v is None)}"
+    )
     if what == "updates":
       message = (
           "`updates` do not have the structure of `params` "

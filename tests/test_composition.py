@@ -492,3 +492,103 @@ def test_reset_restarts_the_average_under_every_option(options, after):
       keep * np.asarray(restart, np.float64) + (1 - keep) * np.asarray(target, np.float64),
       rtol=1e-2 if "rounding" in options else 1e-6,
   )
+
+
+# ------------------------------------------- Keras' overwrite, exactly
+
+
+@pytest.mark.standard_promotion  # bfloat16 params + float32 updates
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_keras_overwrite_gives_low_precision_params_the_ema_exactly(dtype):
+  rng = np.random.default_rng(0)
+  params = jnp.asarray(rng.normal(size=4096), dtype)
+  tx = optax.chain(optax.sgd(0.3), ema_jax.presets.keras(0.9, ema_overwrite_frequency=3))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for t in range(1, 7):
+    grads = jnp.asarray(rng.normal(size=4096), dtype)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    assert params.dtype == dtype
+    if t % 3 == 0:  # overwritten: the EMA (float32) in the params' dtype
+      ema = ema_jax.ema_params(state)
+      np.testing.assert_array_equal(
+          np.asarray(params, np.float32), np.asarray(ema.astype(dtype), np.float32))
+
+
+def test_keras_overwrite_float32_lands_on_the_nearest_reachable_value():
+  rng = np.random.default_rng(1)
+  p = np.concatenate([[0.3], rng.normal(size=2000)]).astype(np.float32)
+  e = np.concatenate([[-0.001], rng.normal(size=2000) * 1e-3]).astype(np.float32)
+  u = np.asarray(ema_jax._engine.overwrite_update(jnp.asarray(p), jnp.zeros_like(jnp.asarray(p)), jnp.asarray(e)))
+  landed = p + u
+  # Brute force: every float32 update within 8 ulps of e - p.
+  first = (e - p).astype(np.float32)
+  best = np.full_like(p, np.inf)
+  for k in range(-8, 9):
+    c = first.copy()
+    step = np.inf if k > 0 else -np.inf
+    for _ in range(abs(k)):
+      c = np.nextafter(c, step).astype(np.float32)
+    best = np.minimum(best, np.abs((p + c).astype(np.float64) - e))
+  np.testing.assert_array_equal(np.abs(landed.astype(np.float64) - e), best)
+  assert landed[0] != e[0]  # 0.3 + u == -0.001 has no float32 solution
+
+
+# ---------------------------------------- errors early, by name and argument
+
+
+def test_a_64_bit_ema_dtype_without_x64_is_refused_when_built():
+  assert not jax.config.jax_enable_x64
+  with pytest.raises(ValueError, match="`ema_dtype=float64` needs 64-bit JAX.*jax_enable_x64"):
+    ema_jax.ema(0.9, ema_dtype=jnp.float64)
+  with pytest.raises(ValueError, match="complex128"):
+    ema_jax.multi_ema([0.9], ema_dtype=jnp.complex128)
+
+
+@pytest.mark.parametrize("seed", [2**70, -(2**70)])
+def test_a_seed_out_of_range_is_named(seed):
+  with pytest.raises(ValueError, match="`key`: the seed"):
+    ema_jax.ema(0.9, ema_dtype=jnp.bfloat16, rounding="stochastic", key=seed)
+
+
+@pytest.mark.parametrize("preset", ["timm", "diffusers"])
+def test_update_after_step_at_the_int32_limit_is_refused_when_built(preset):
+  with pytest.raises(ValueError, match=r"`update_after_step` must be in \[0, 2147483646\]"):
+    getattr(ema_jax.presets, preset)(0.9, update_after_step=2**31 - 1)
+  tx = getattr(ema_jax.presets, preset)(0.9, update_after_step=2**31 - 2)
+  _, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)), jnp.zeros(2))
+  np.testing.assert_array_equal(ema_jax.ema_params(state), [1.0, 1.0])  # copies
+
+
+def test_apply_updates_and_average_takes_python_float_leaves():
+  params, ema = {"a": 1.0, "b": jnp.ones(2)}, {"a": 3.0, "b": jnp.ones(2)}
+  new_params, new_ema = ema_jax.apply_updates_and_average(
+      params, {"a": 1.0, "b": jnp.ones(2)}, ema, 0.5)
+  np.testing.assert_array_equal(new_params["a"], 2.0)
+  np.testing.assert_array_equal(new_ema["a"], 2.5)
+
+
+def test_numpy_float64_params_are_taken_as_jax_takes_them():
+  # With x64 off JAX holds them as float32, and so does the EMA: no message
+  # about a changed dtype.
+  tx = ema_jax.ema(0.5)
+  params = {"w": np.asarray([1.0, 2.0])}
+  state = tx.init(params)
+  _, state = tx.update({"w": np.asarray([2.0, 2.0])}, state, params)
+  np.testing.assert_array_equal(ema_jax.ema_params(state)["w"], [2.0, 3.0])
+
+
+def test_a_container_change_under_jit_names_both_structures():
+  tx = ema_jax.ema(0.9)
+  state = tx.init([jnp.ones(2), jnp.ones(2)])
+  params = (jnp.ones(2), jnp.ones(2))
+  for call in (lambda: jax.jit(tx.update)(params, state, params),
+               lambda: jax.jit(ema_jax.swap)(params, state)):
+    with pytest.raises(ValueError, match=r"other containers: params are PyTreeDef\(\(\*, \*\)\)"):
+      call()
+
+
+def test_docstrings_name_the_exception_training_while_swapped_raises():
+  for fn in (ema_jax.flax.TrainState.apply_gradients, ema_jax.flax.Optimizer.update):
+    assert "RuntimeError" not in fn.__doc__ and "ValueError: wh" in fn.__doc__
