@@ -52,12 +52,20 @@ def is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
-def traced_number(name: str, value: Any, kind: Any) -> jax.Array:
+def traced_number(name: str, value: Any, kind: Any, allowed: bool) -> jax.Array:
   """A traced scalar of `kind` (jnp.integer or jnp.floating), checked by
-  shape and dtype (its value is checked where it is used)."""
+  shape and dtype (its value is checked where it is used); refused by name
+  where the argument must be known when built (`allowed=False`)."""
+  what = "an integer" if kind is jnp.integer else "a float"
+  if not allowed:
+    raise TypeError(
+        f"`{name}` is traced (inside `jax.jit` or `vmap`, or injected by "
+        "`optax.inject_hyperparams`), but it must be known when this is "
+        f"built: pass {what} (for `inject_hyperparams`, name it in "
+        "`static_args`)."
+    )
   dtype = getattr(value, "dtype", None)
   if np.shape(value) != () or dtype is None or not jnp.issubdtype(dtype, kind):
-    what = "an integer" if kind is jnp.integer else "a float"
     raise TypeError(
         f"`{name}` is traced, so it must be a scalar of {what} dtype, got "
         f"shape {np.shape(value)} and dtype {dtype}."
@@ -76,13 +84,7 @@ def integer(
   the step runs, so the caller clamps it there.
   """
   if is_traced(value):
-    if traced:
-      return traced_number(name, value, jnp.integer)
-    raise TypeError(
-        f"`{name}` must be a Python int, got a traced value: it decides the "
-        "structure of the state. Pass it as a Python int (for "
-        "`optax.inject_hyperparams`, in `static_args`)."
-    )
+    return traced_number(name, value, jnp.integer, traced)
   if isinstance(value, (bool, np.bool_)):
     raise TypeError(f"`{name}` must be a Python int, got {value!r}.")
   try:
@@ -132,12 +134,7 @@ def unit_float(
         "low-precision params, pass `hyperparam_dtype=jnp.float32`."
     )
   if is_traced(value):
-    if traced:
-      return traced_number(name, value, jnp.floating)
-    raise TypeError(
-        f"`{name}` is traced (inside `jax.jit` or `vmap`), but it must be "
-        "known when this is built; pass a Python float."
-    )
+    return traced_number(name, value, jnp.floating, traced)
   if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(
       value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)
   ) or np.ndim(value) != 0:

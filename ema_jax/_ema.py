@@ -106,8 +106,9 @@ def ema(
       device memory. `'pinned_host'`: host memory (host offload); each update
       moves the average to the device and back inside the jitted step, as
       transfers XLA schedules, so the device holds no average between steps.
-      `ema_params(state, memory_kind='device')` and `swap(params, state,
-      memory_kind='device')` bring it to device memory to evaluate. Commit
+      `swap` (and the Flax hook) brings it to device memory to evaluate,
+      `ema_params(state, memory_kind='device')` too. Carried leaves (ints,
+      bools, PRNG keys) stay in device memory, where their params are. Commit
       the params to the device (`jax.device_put(params)`) before the first
       step: the offloaded average is committed, and uncommitted params make
       the jitted step compile a second time.
@@ -117,17 +118,22 @@ def ema(
 
   Raises:
     TypeError: when built, for a decay, flag or count of the wrong type
-      (`ema("0.9")`, `debias="no"`); at `init`, for a leaf that is not an
-      array (the message names its path).
+      (`ema("0.9")`, `debias="no"`), a decay or schedule value narrower
+      than float32, a schedule that cannot be traced, or a traced
+      `start_step` / `update_every` that is not an integer scalar; at
+      `init`, for a leaf that is not an array (the message names its path).
     ValueError: when built, for a decay outside [0, 1] (a schedule's at any
       probed step), a schedule that does not return a scalar, `start_step`
       or `update_every` outside the int32 range they count in, an
-      `ema_dtype` that is not bfloat16/float16/float32/float64,
-      `rounding='stochastic'` without `ema_dtype=jnp.bfloat16`, an unknown
-      `memory_kind`; at `init`, for a `memory_kind` the device lacks; at
-      `update`, for a swapped state, missing `params`, or params whose
-      structure, shapes or dtypes differ from the state's (the message names
-      the leaf).
+      `ema_dtype` that is not bfloat16/float16/float32/float64 (or
+      complex64/complex128), a 64-bit `ema_dtype` with x64 off,
+      `rounding='stochastic'` without `ema_dtype=jnp.bfloat16`, a `key`
+      seed out of range, an unknown `memory_kind`; at `init`, for a
+      `memory_kind` the device lacks, or an `ema_dtype` that is real for a
+      complex leaf (or complex for a real one); at `update` (at trace time
+      under `jit`), for a swapped state, missing `params`, or params whose
+      structure, shapes or dtypes differ from the state's (the message
+      names the leaf).
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax
