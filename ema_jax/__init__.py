@@ -10,6 +10,8 @@ from ema_jax import presets as presets
 from ema_jax._apply_updates_and_average import (
     apply_updates_and_average as apply_updates_and_average,
 )
+from ema_jax._bema import BemaState as BemaState
+from ema_jax._bema import bema as bema
 from ema_jax._ema import ema as ema
 from ema_jax._ema import moving_average as moving_average
 from ema_jax._ema import multi_ema as multi_ema
@@ -51,6 +53,7 @@ def __getattr__(name: str):  # PEP 562: `ema_jax.flax` without importing Flax ea
 
 
 __all__ = [
+    "BemaState",
     "Decay",
     "DecaySchedule",
     "EmaState",
@@ -61,6 +64,7 @@ __all__ = [
     "SwappedEmaState",
     "SwappedMultiEmaState",
     "apply_updates_and_average",
+    "bema",
     "blend",
     "constant_decay",
     "cosine_decay",

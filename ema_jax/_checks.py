@@ -150,16 +150,17 @@ def unit_float(
   return value
 
 
-def positive_float(name: str, value: Any) -> float:
-  """A positive, finite real number."""
+def positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
+  """A positive (or, with `allow_zero`, non-negative), finite real number."""
+  what = "a non-negative" if allow_zero else "a positive"
   if isinstance(value, (bool, np.bool_, str, bytes)):
-    raise TypeError(f"`{name}` must be a positive number, got {value!r}.")
+    raise TypeError(f"`{name}` must be {what} number, got {value!r}.")
   try:
     value = float(value)
   except (TypeError, ValueError):
-    raise TypeError(f"`{name}` must be a positive number, got {value!r}.") from None
-  if not (value > 0.0 and math.isfinite(value)):
-    raise ValueError(f"`{name}` must be a positive finite number, got {value}.")
+    raise TypeError(f"`{name}` must be {what} number, got {value!r}.") from None
+  if not ((value >= 0.0 if allow_zero else value > 0.0) and math.isfinite(value)):
+    raise ValueError(f"`{name}` must be {what} finite number, got {value}.")
   return value
 
 

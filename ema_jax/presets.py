@@ -51,29 +51,46 @@ def _shifted(
 def _floored_tf_ramp(decay: float, min_decay: float) -> _schedules.DecaySchedule:
   """diffusers' default: `max(min(decay, (1 + k) / (10 + k)), min_decay)`."""
   ramp = _schedules.tf_dynamic_decay(decay)
-  floor = _checks.unit_float("min_decay", min_decay)
   return _schedules.DecaySchedule(
-      lambda count: jnp.maximum(ramp(count), floor),
-      lambda count: jnp.minimum(ramp.weight(count), 1.0 - floor),
-      f"max({ramp!r}, {floor!r})",
+      lambda count: jnp.maximum(ramp(count), min_decay),
+      lambda count: jnp.minimum(ramp.weight(count), 1.0 - min_decay),
+      f"max({ramp!r}, {min_decay!r})",
+  )
+
+
+def _clipped_warmup(
+    decay: float, min_decay: float, gamma: float, power: float, *, floor_wins: bool
+) -> _schedules.DecaySchedule:
+  """The warm-up `1 - (1 + k / gamma) ** -power`, clipped as its library clips.
+
+  timm and diffusers clip with `max(min(value, decay), min_decay)`, so a
+  `min_decay` above `decay` wins (`floor_wins`); ema-pytorch with
+  `torch.clamp(value, min=min_value, max=beta)`, which gives `beta`. Either
+  way the clipped value is then the same at every step. The arguments are
+  checked by the caller, under the library's names.
+  """
+  if min_decay > decay:
+    return _schedules.constant_decay(min_decay if floor_wins else decay)
+  return _schedules.warmup_decay(
+      decay, inv_gamma=gamma, power=power, min_decay=min_decay
   )
 
 
 def _after_warmup_schedule(
-    decay: float,
-    min_decay: float,
-    use_warmup: bool,
-    gamma: float,
-    power: float,
-    ramp: str,
+    decay: float, min_decay: float, ramp: str, **warmup: Any
 ) -> _schedules.DecaySchedule:
+  """timm's or diffusers' schedule; `warmup` is the flag, the gamma and the
+  power, in that order, under the library's names (checked under them)."""
+  (flag, use_warmup), (gamma_name, gamma), (power_name, power) = warmup.items()
+  decay = _checks.unit_float("decay", decay)
+  min_decay = _checks.unit_float("min_decay", min_decay)
+  gamma = _checks.positive_float(gamma_name, gamma)
+  power = _checks.positive_float(power_name, power)
   # timm and diffusers evaluate their schedule at s = t - update_after_step - 1,
   # which is 1 at the first averaged update; ema() counts that update as 0.
-  base: _schedules.Schedule
-  if _checks.boolean("use_warmup", use_warmup):
-    base = _schedules.warmup_decay(
-        decay, inv_gamma=gamma, power=power, min_decay=min_decay
-    )
+  base: _schedules.DecaySchedule
+  if _checks.boolean(flag, use_warmup):
+    base = _clipped_warmup(decay, min_decay, gamma, power, floor_wins=True)
   elif ramp == "tf":
     base = _floored_tf_ramp(decay, min_decay)
   else:
@@ -99,6 +116,8 @@ def keras(
   continues from the EMA; the EMA itself is unchanged). The average is
   computed with Keras' own float32 arithmetic, `m * e + (1 - m) * p`, so it
   equals Keras' bit for bit where Keras runs op by op.
+
+  Checked against Keras 3.15.1 (`keras/src/optimizers/base_optimizer.py`).
 
   Args:
     ema_momentum: Keras' `ema_momentum`, in [0, 1].
@@ -167,6 +186,9 @@ def tfa(
   `k < start_step`, else `min(d, (1 + j) / (10 + j))` with `j = k - start_step`
   when `dynamic_decay`, else `d`; `e <- e - (1 - decay) (e - p)`.
 
+  Checked against TensorFlow Addons 0.23.0 (`optimizers/moving_average.py`)
+  and its unit tests.
+
   Args:
     average_decay: TFA's `average_decay`.
     start_step: TFA's `start_step`.
@@ -193,17 +215,15 @@ def tfa(
     >>> ema_jax.ema_params(state)  # decay min(0.9, 1/10) = 0.1: 0.1*0 + 0.9*1
     Array([0.9], dtype=float32)
   """
+  average_decay = _checks.unit_float("average_decay", average_decay)
   if num_updates is not None:
     n = _checks.integer("num_updates", num_updates, 0)
-    average_decay = min(
-        _checks.unit_float("average_decay", average_decay),
-        (1.0 + n) / (10.0 + n),
-    )
+    average_decay = min(average_decay, (1.0 + n) / (10.0 + n))
   schedule: _schedules.Schedule
   if _checks.boolean("dynamic_decay", dynamic_decay):
     schedule = _schedules.tf_dynamic_decay(average_decay)
   else:
-    schedule = _schedules.as_schedule(average_decay, "average_decay")
+    schedule = _schedules.constant_decay(average_decay)
   start_step = _checks.integer("start_step", start_step, 0)
   return _engine.transformation(
       _engine.schedule_rule([schedule], start_step, 1),
@@ -236,11 +256,18 @@ def timm(
   with `use_warmup`, `clip(1 - (1 + s / warmup_gamma) ** -warmup_power,
   min_decay, decay)`, else `decay`; `e <- lerp(e, p, 1 - decay)`. timm also
   averages floating buffers (BatchNorm statistics): include them in the tree
-  you pass as params to get the same.
+  you pass as params to get the same. As in timm, a `min_decay` above `decay`
+  wins (the clip is `max(min(., decay), min_decay)`). timm 1.0.31 keeps a
+  bfloat16 model's EMA in bfloat16 with stochastic rounding by default:
+  `ema_dtype=jnp.bfloat16, rounding='stochastic'` is the same storage, with
+  another random stream (ema_jax keeps it in float32 unless told).
+
+  Checked against timm 1.0.31 (`timm/utils/model_ema.py`, `ModelEmaV3`).
 
   Args:
     decay: timm's `decay`.
-    min_decay: timm's `min_decay` (used with warm-up only, as in timm).
+    min_decay: timm's `min_decay` (used with warm-up only, as in timm), in
+      [0, 1].
     use_warmup: timm's `use_warmup`.
     warmup_gamma: timm's `warmup_gamma`.
     warmup_power: timm's `warmup_power`.
@@ -270,7 +297,8 @@ def timm(
       "update_after_step", update_after_step, 0, _checks.INT32_MAX - 1
   )
   schedule = _after_warmup_schedule(
-      decay, min_decay, use_warmup, warmup_gamma, warmup_power, ramp="constant"
+      decay, min_decay, "constant", use_warmup=use_warmup,
+      warmup_gamma=warmup_gamma, warmup_power=warmup_power,
   )
   return _engine.transformation(
       _engine.schedule_rule([_schedules.as_schedule(schedule)], uas + 1, 1),
@@ -302,7 +330,11 @@ def diffusers(
   `s = max(0, t - update_after_step - 1)`; `decay = 0` (copy) if `s <= 0`;
   otherwise `1 - (1 + s / inv_gamma) ** -power` with `use_ema_warmup`, else
   `(1 + s) / (10 + s)` (note: *not* constant by default), then
-  `max(min(value, decay), min_decay)`; `e <- e - (1 - decay) (e - p)`.
+  `max(min(value, decay), min_decay)` (so a `min_decay` above `decay` wins);
+  `e <- e - (1 - decay) (e - p)`.
+
+  Checked against diffusers 0.42.0 (`diffusers/training_utils.py`,
+  `EMAModel`).
 
   Args:
     decay: diffusers' `decay`.
@@ -336,7 +368,8 @@ def diffusers(
       "update_after_step", update_after_step, 0, _checks.INT32_MAX - 1
   )
   schedule = _after_warmup_schedule(
-      decay, min_decay, use_ema_warmup, inv_gamma, power, ramp="tf"
+      decay, min_decay, "tf", use_ema_warmup=use_ema_warmup,
+      inv_gamma=inv_gamma, power=power,
   )
   return _engine.transformation(
       _engine.schedule_rule([_schedules.as_schedule(schedule)], uas + 1, 1),
@@ -371,7 +404,11 @@ def ema_pytorch(
   others lerp with `clip(1 - (1 + epoch / inv_gamma) ** -power, min_value,
   beta)`, `epoch = k - update_after_step`. As in ema-pytorch the decay is *not*
   compensated for the skipped calls (use `ema_jax.ema(update_every=...)` for a
-  horizon that does not depend on `update_every`).
+  horizon that does not depend on `update_every`). As in ema-pytorch, `beta=1`
+  freezes the average between its copies, and a `min_value` above `beta`
+  gives `beta` (`torch.clamp(value, min_value, beta)`).
+
+  Checked against ema-pytorch 0.8.3 (`ema_pytorch/ema_pytorch.py`, `EMA`).
 
   Args:
     beta: ema-pytorch's `beta`.
@@ -403,9 +440,16 @@ def ema_pytorch(
   """
   uas = _checks.integer("update_after_step", update_after_step, 0)
   every = _checks.integer("update_every", update_every, 1)
-  schedule = _schedules.warmup_decay(
-      beta, inv_gamma=inv_gamma, power=power, min_decay=min_value
-  )
+  beta = _checks.unit_float("beta", beta)
+  min_value = _checks.unit_float("min_value", min_value)
+  inv_gamma = _checks.positive_float("inv_gamma", inv_gamma)
+  power = _checks.positive_float("power", power)
+  schedule: _schedules.DecaySchedule
+  if beta == 1.0:
+    # `is_frozen`: ema-pytorch's lerp returns at once; only its copies act.
+    schedule = _schedules.constant_decay(1.0)
+  else:
+    schedule = _clipped_warmup(beta, min_value, inv_gamma, power, floor_wins=False)
 
   def rule(count: jax.Array) -> _engine.Step:
     epoch = count - uas

@@ -330,3 +330,53 @@ def test_optax_adam_differs_from_keras_adam_only_by_epsilon():
       params = optax.apply_updates(params, updates)
     results.append(np.asarray(params[0]))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# Keras' `gradient_accumulation_steps`: the recipe in docs/migrating.md.
+
+
+def keras_accumulation_recipe(
+    learning_rate: float, momentum: float, steps: int
+) -> optax.GradientTransformation:
+  """Keras' EMA under `gradient_accumulation_steps=steps`, micro-step for micro-step.
+
+  Keras averages on every micro-step, with `momentum = (iterations != 0) *
+  ema_momentum` where `iterations` counts real updates: it copies for the
+  first `steps` micro-steps, then moves on every one. The EMA goes outside
+  `MultiSteps` (it sees every micro-step) and copies for `steps` of them.
+  """
+  return optax.chain(
+      optax.MultiSteps(optax.sgd(learning_rate), steps).gradient_transformation(),
+      ema_jax.ema(momentum, start_step=steps),
+  )
+
+
+@pytest.mark.standard_promotion  # optax/keras are not strict-clean
+@pytest.mark.parametrize("accumulation", [2, 3])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_keras_gradient_accumulation_recipe_matches_keras(accumulation, jit):
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+  opt = keras.optimizers.SGD(
+      SGD_LR, use_ema=True, ema_momentum=0.9,
+      gradient_accumulation_steps=accumulation,
+  )
+  variables = model.trainable_variables
+  tx = keras_accumulation_recipe(SGD_LR, 0.9, accumulation)
+  update = jax.jit(tx.update) if jit else tx.update
+  params = [jnp.asarray(np.array(v.value)) for v in variables]
+  state = tx.init(params)
+  rng = np.random.default_rng(3)
+  for micro_step in range(1, 7 * accumulation + 1):
+    g = [rng.normal(size=v.shape).astype(np.float32) for v in variables]
+    opt.apply_gradients(zip(g, variables))
+    updates, state = update([jnp.asarray(x) for x in g], state, params)
+    params = optax.apply_updates(params, updates)
+    keras_params = [np.array(v.value) for v in variables]
+    keras_ema = [np.array(a.value) for a in opt._model_variables_moving_average]
+    _assert_close(params, keras_params, "params", micro_step, 1e-6, 1e-7)
+    _assert_close(ema_jax.ema_params(state), keras_ema, "EMA", micro_step, 1e-6, 1e-7)
+    if micro_step == accumulation:
+      # The first real update is still copied (`iterations` is 0 until it).
+      _assert_bitwise(keras_ema, keras_params, "Keras' copy", micro_step)

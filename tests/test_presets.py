@@ -52,7 +52,8 @@ def _lerp_(tgt: np.ndarray, end: np.ndarray, weight: float) -> None:
 
 # ---------------------------------------------------------------------------
 # timm: huggingface/pytorch-image-models timm/utils/model_ema.py, ModelEmaV3
-# (commits 0a044bf4, 7479d451), called from train.py as
+# (commits 0a044bf4, 7479d451; `get_decay` unchanged in the timm 1.0.31
+# wheel), called from train.py as
 # `num_updates += 1; model_ema.update(model, step=num_updates)`.
 
 
@@ -124,7 +125,7 @@ class TimmTrainLoopRef:
 
 # ---------------------------------------------------------------------------
 # diffusers: huggingface/diffusers src/diffusers/training_utils.py, EMAModel
-# at commit 953dcb1d, whose no-warm-up branch is `(1 + step) / (10 + step)`.
+# at commit 953dcb1d (`get_decay` unchanged in the diffusers 0.42.0 wheel), whose no-warm-up branch is `(1 + step) / (10 + step)`.
 # (A copy stored as commit 0623b186 has `self.decay` there instead; 953dcb1d
 # is the newer file, and the copies in other projects that use `self.decay`
 # keep the ramp as a commented-out line, so the ramp is upstream's.) The
@@ -193,10 +194,12 @@ class DiffusersTrainLoopRef:
 
 
 # ---------------------------------------------------------------------------
-# ema-pytorch: lucidrains/ema-pytorch ema_pytorch/ema_pytorch.py, EMA (current
-# `update()`: first call copies and returns; then `step % update_every`, with
-# `step` read before the increment and `get_current_decay` reading the buffer
-# after it). Called once per optimizer step: `ema.update()`.
+# ema-pytorch: lucidrains/ema-pytorch ema_pytorch/ema_pytorch.py, EMA, as in
+# the ema-pytorch 0.8.3 wheel (`update()`: first call copies and returns;
+# then `step % update_every`, with `step` read before the increment and
+# `get_current_decay` reading the buffer after it; `update_moving_average`
+# returns at once when `is_frozen = beta == 1.`). Called once per optimizer
+# step: `ema.update()`.
 
 
 class EmaPytorchEMARef:
@@ -219,6 +222,7 @@ class EmaPytorchEMARef:
     self.inv_gamma = inv_gamma
     self.power = power
     self.min_value = min_value
+    self.is_frozen = beta == 1.0
     self.initted = False
     self.step = 0
 
@@ -248,6 +252,8 @@ class EmaPytorchEMARef:
       self.update_moving_average(self.ema_model, self.model)
 
   def update_moving_average(self, ma_model: _Model, current_model: _Model):
+    if self.is_frozen:
+      return
     current_decay = self.get_current_decay()
     for tgt, src in zip(ma_model.params, current_model.params):
       _lerp_(tgt, src, 1.0 - current_decay)
@@ -255,9 +261,11 @@ class EmaPytorchEMARef:
 
 class EmaPytorchTrainLoopRef:
 
+  ref_cls: type = EmaPytorchEMARef
+
   def __init__(self, model: _Model, **kwargs: Any):
     self.model = model
-    self.ema_obj = EmaPytorchEMARef(model, **kwargs)
+    self.ema_obj = self.ref_cls(model, **kwargs)
 
   def train_step(self, optimizer_step: Callable[[], None]) -> None:
     optimizer_step()
@@ -441,6 +449,106 @@ class KerasTrainLoopRef:
 
 
 # ---------------------------------------------------------------------------
+# TensorFlow 2: tensorflow/python/training/moving_averages.py,
+# `ExponentialMovingAverage` and `_zero_debias` (unchanged in substance from
+# TF 2.0 to 2.21), wired as TF2 training loops do:
+# `ema = ExponentialMovingAverage(decay, num_updates=optimizer.iterations)`
+# and `ema.apply(vars)` after `optimizer.apply_gradients`, which has already
+# incremented `iterations`. A variable's shadow is created at the first
+# `apply()` from the variable's value then; a tensor's is zeros, and with
+# `zero_debias=True` it reads `biased / (1 - decay ** local_step)`, with the
+# decay of the current step.
+
+
+class TfExponentialMovingAverageRef:
+
+  def __init__(self, decay: float, zero_debias: bool = False, tensors: bool = False):
+    self._decay = decay
+    self._zero_debias = zero_debias
+    self._tensors = tensors
+    self._averages: list[np.ndarray] | None = None
+
+  def apply(self, var_list: list[np.ndarray], num_updates: int) -> None:
+    if self._averages is None:
+      if self._tensors:  # create_zeros_slot
+        self._averages = [np.zeros_like(v) for v in var_list]
+        self._biased = [np.zeros_like(v) for v in var_list]
+        self._local_step = 0
+      else:  # create_slot(var, var.read_value())
+        self._averages = [v.copy() for v in var_list]
+    decay = min(self._decay, (1.0 + num_updates) / (10.0 + num_updates))
+    one_minus_decay = 1.0 - decay  # assign_moving_average
+    if self._tensors and self._zero_debias:
+      self._local_step += 1
+      for avg, biased, value in zip(self._averages, self._biased, var_list):
+        biased -= (biased - value) * one_minus_decay
+        avg[...] = biased / (1 - (1.0 - one_minus_decay) ** self._local_step)
+    else:
+      for avg, value in zip(self._averages, var_list):
+        avg -= (avg - value) * one_minus_decay
+
+
+class TfTrainLoopRef:
+
+  def __init__(self, model: _Model, **kwargs: Any):
+    self.model = model
+    self.ema_obj = TfExponentialMovingAverageRef(**kwargs)
+    self.iterations = 0
+
+  def train_step(self, next_values: list[np.ndarray]) -> None:
+    for var, value in zip(self.model.params, next_values):  # apply_gradients
+      var[...] = value
+    self.iterations += 1
+    self.ema_obj.apply(self.model.params, num_updates=self.iterations)
+
+  @property
+  def ema(self) -> list[np.ndarray]:
+    return self.ema_obj._averages
+
+
+# ---------------------------------------------------------------------------
+# ema-pytorch's KarrasEMA: ema_pytorch/post_hoc_ema.py in the ema-pytorch
+# 0.8.3 wheel. `update()` reads `step`, increments the buffer, returns unless
+# `step % update_every == 0`, copies on its first acting call, then lerps with
+# `beta = (1 - 1 / (buffer + 1)) ** (1 + gamma)`, the buffer read after the
+# increment.
+
+
+class KarrasEMARef:
+
+  def __init__(self, model: _Model, gamma: float, update_every: int = 100):
+    self.model = model
+    self.ema_model = copy.deepcopy(model)
+    self.gamma = gamma
+    self.update_every = update_every
+    self.initted = False
+    self.step = 0
+
+  @property
+  def beta(self) -> float:
+    return (1.0 - 1.0 / (self.step + 1.0)) ** (1.0 + self.gamma)
+
+  def update(self) -> None:
+    step = self.step
+    self.step += 1
+    if step % self.update_every != 0:
+      return
+    if not self.initted:
+      for ma, cur in zip(self.ema_model.params, self.model.params):
+        ma[...] = cur
+      self.initted = True
+    current_decay = self.beta
+    for tgt, src in zip(self.ema_model.params, self.model.params):
+      _lerp_(tgt, src, 1.0 - current_decay)
+
+
+class KarrasEMATrainLoopRef(EmaPytorchTrainLoopRef):
+  """Called as ema-pytorch's `EMA` is: `update()` after each optimizer step."""
+
+  ref_cls = KarrasEMARef
+
+
+# ---------------------------------------------------------------------------
 # The driver.
 
 
@@ -470,7 +578,10 @@ def _callback_loop(loop: Any) -> Callable[[list[np.ndarray]], None]:
 
 def _make_loop(cls: type, model: _Model, kwargs: dict[str, Any]):
   loop = cls(model, **kwargs)
-  if cls in (TimmTrainLoopRef, DiffusersTrainLoopRef, EmaPytorchTrainLoopRef):
+  if cls in (
+      TimmTrainLoopRef, DiffusersTrainLoopRef, EmaPytorchTrainLoopRef,
+      KarrasEMATrainLoopRef,
+  ):
     return loop, _callback_loop(loop)
   return loop, loop.train_step
 
@@ -481,7 +592,13 @@ def _run_parity(
     ref_kwargs: dict[str, Any],
     steps: int,
     seed: int = 0,
+    *,
+    start: Callable[[Any], Any] | None = None,
+    read: Callable[[Any, int], Any] = lambda state, t: ema_jax.ema_params(state),
 ) -> None:
+  """`start(params)`, if given, is where the average starts (`ema_jax.reset`);
+  `read(state, t)` is what is compared with the reference's average after
+  update `t`."""
   rng = np.random.default_rng(seed)
   params = _init_params(rng)
   leaves, treedef = jax.tree.flatten(params)
@@ -491,6 +608,8 @@ def _run_parity(
   tx = optax.chain(optax.sgd(LR), preset)
   jparams = jax.tree.map(jnp.asarray, params)
   state = tx.init(jparams)
+  if start is not None:
+    state = ema_jax.reset(state, start(jparams))
 
   @jax.jit
   def step(params, state, grads):
@@ -509,7 +628,7 @@ def _run_parity(
     jparams, state = step(jparams, state, treedef.unflatten(g_leaves))
 
     p_leaves = [np.asarray(x) for x in jax.tree.leaves(jparams)]
-    e_leaves = [np.asarray(x) for x in jax.tree.leaves(ema_jax.ema_params(state))]
+    e_leaves = [np.asarray(x) for x in jax.tree.leaves(read(state, t))]
     for i, (p, e, p_ref, e_ref) in enumerate(
         zip(p_leaves, e_leaves, model.params, loop.ema)
     ):
@@ -571,6 +690,9 @@ _TIMM_CASES = [
     dict(decay=0.9999, use_warmup=True, warmup_gamma=2.0, warmup_power=0.75),
     # timm applies `min_decay` on the warm-up branch only.
     dict(decay=0.9, min_decay=0.95),
+    # `max(min(warm-up, decay), min_decay)`: a `min_decay` above `decay` wins.
+    dict(decay=0.9, use_warmup=True, min_decay=0.95),
+    dict(decay=0.5, use_warmup=True, min_decay=0.7, update_after_step=3),
 ]
 
 
@@ -592,6 +714,10 @@ def test_timm_matches_reference(kwargs):
         dict(decay=0.9999, use_ema_warmup=True, inv_gamma=2.0, power=0.75),
         # Without warm-up, diffusers still floors at `min_decay`.
         dict(decay=0.99, min_decay=0.6),
+        # `max(min(value, decay), min_decay)`: a `min_decay` above `decay` wins.
+        dict(decay=0.5, min_decay=0.8),
+        dict(decay=0.9, use_ema_warmup=True, min_decay=0.95),
+        dict(decay=0.5, use_ema_warmup=True, min_decay=0.7, update_after_step=3),
     ],
     ids=str,
 )
@@ -611,6 +737,12 @@ def test_diffusers_matches_reference(kwargs):
         (dict(update_after_step=20, update_every=10, min_value=0.5), 60),
         (dict(update_after_step=2, update_every=1, inv_gamma=3.0, power=0.75), 60),
         (dict(update_after_step=4, update_every=3, beta=0.6, min_value=0.3), 60),
+        # `beta == 1` freezes the average between its copies (`is_frozen`).
+        (dict(beta=1.0), 135),
+        (dict(beta=1.0, update_after_step=5, update_every=2), 60),
+        # `torch.clamp(min=min_value, max=beta)` with `min_value > beta` is `beta`.
+        (dict(update_after_step=3, update_every=1, beta=0.6, min_value=0.9), 60),
+        (dict(update_after_step=0, update_every=2, beta=0.0, min_value=0.5), 60),
     ],
     ids=str,
 )
@@ -848,3 +980,176 @@ def test_ema_pytorch_reference_decay_formula():
   ref = EmaPytorchEMARef(_Model([np.zeros(1)]), update_after_step=3, beta=0.99)
   ref.step = 8  # the buffer after the increment of call k = 7
   assert math.isclose(ref.get_current_decay(), 1 - (1 + 4) ** (-2 / 3))
+
+
+# ---------------------------------------------------------------------------
+# The edges: messages in each library's own parameter names.
+
+# ema_jax's names for arguments the library names otherwise.
+_FOREIGN = {
+    "keras": ("decay",),
+    "tfa": ("decay",),
+    "timm": ("inv_gamma", "power"),
+    "diffusers": (),
+    "ema_pytorch": ("decay", "min_decay"),
+}
+
+
+@pytest.mark.parametrize(
+    "preset, args, kwargs, name",
+    [
+        ("keras", (1.5,), {}, "ema_momentum"),
+        ("keras", (0.9,), dict(ema_overwrite_frequency=0), "ema_overwrite_frequency"),
+        ("tfa", (1.5,), {}, "average_decay"),
+        ("tfa", (-0.1,), dict(dynamic_decay=True), "average_decay"),
+        ("tfa", (1.5,), dict(num_updates=3), "average_decay"),
+        ("tfa", (0.9,), dict(num_updates=-1), "num_updates"),
+        ("tfa", (0.9,), dict(start_step=-1), "start_step"),
+        ("timm", (1.5,), {}, "decay"),
+        ("timm", (1.5,), dict(use_warmup=True), "decay"),
+        ("timm", (0.9,), dict(min_decay=1.5, use_warmup=True), "min_decay"),
+        ("timm", (0.9,), dict(min_decay=-1.0), "min_decay"),
+        ("timm", (0.9,), dict(use_warmup=True, warmup_gamma=0.0), "warmup_gamma"),
+        ("timm", (0.9,), dict(use_warmup=True, warmup_power=-1.0), "warmup_power"),
+        ("timm", (0.9,), dict(update_after_step=-1), "update_after_step"),
+        ("diffusers", (1.5,), {}, "decay"),
+        ("diffusers", (1.5,), dict(use_ema_warmup=True), "decay"),
+        ("diffusers", (0.9,), dict(min_decay=2.0), "min_decay"),
+        ("diffusers", (0.9,), dict(use_ema_warmup=True, inv_gamma=0.0), "inv_gamma"),
+        ("diffusers", (0.9,), dict(use_ema_warmup=True, power=0.0), "power"),
+        ("diffusers", (0.9,), dict(update_after_step=-2), "update_after_step"),
+        ("ema_pytorch", (1.5,), {}, "beta"),
+        ("ema_pytorch", (-0.5,), {}, "beta"),
+        ("ema_pytorch", (0.9,), dict(min_value=1.5), "min_value"),
+        ("ema_pytorch", (0.9,), dict(inv_gamma=0.0), "inv_gamma"),
+        ("ema_pytorch", (0.9,), dict(power=-2.0), "power"),
+        ("ema_pytorch", (0.9,), dict(update_after_step=-1), "update_after_step"),
+        ("ema_pytorch", (0.9,), dict(update_every=0), "update_every"),
+    ],
+    ids=str,
+)
+def test_preset_messages_use_the_library_names(preset, args, kwargs, name):
+  with pytest.raises(ValueError) as info:
+    getattr(presets, preset)(*args, **kwargs)
+  message = str(info.value)
+  assert f"`{name}`" in message, message
+  for other in _FOREIGN[preset]:
+    assert f"`{other}`" not in message, message
+
+
+def test_edges_by_hand():
+  # timm with warm-up and min_decay > decay: step 1 copies 6, then 0.9 throughout.
+  np.testing.assert_allclose(
+      _first_emas(presets.timm(0.5, use_warmup=True, min_decay=0.9), 3),
+      [6.0, 0.9 * 6 + 0.1 * 7, 0.9 * (0.9 * 6 + 0.1 * 7) + 0.1 * 8],
+      rtol=1e-6,
+  )
+  # ema-pytorch beta=1: copies at calls 0 and 2 (update_after_step=2,
+  # update_every=2), frozen at the copy of p_3 = 8 afterwards.
+  np.testing.assert_allclose(
+      _first_emas(presets.ema_pytorch(1.0, update_after_step=2, update_every=2), 8),
+      [6.0, 6.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0],
+  )
+  # ema-pytorch min_value > beta: clamp gives beta = 0.5 at every lerp.
+  np.testing.assert_allclose(
+      _first_emas(presets.ema_pytorch(0.5, update_after_step=0, update_every=1,
+                                      min_value=0.8), 3),
+      [6.0, 6.5, 7.25],
+  )
+
+
+# ---------------------------------------------------------------------------
+# The documented differences: the recipes of docs/migrating.md against the
+# references above.
+
+
+def tf2_recipe(decay: float) -> optax.GradientTransformation:
+  # The shadow is the params after update 1; update t reads the ramp at t.
+  def ramp(j: Any) -> Any:
+    t = jnp.asarray(j, jnp.float32) + 2.0
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+  return ema_jax.ema(ramp, start_step=1)
+
+
+def tf_zero_debias_ramp(decay: float) -> Callable[[Any], Any]:
+  # The biased accumulator's decay at update t = k + 1: the ramp at t.
+  def ramp(k: Any) -> Any:
+    t = jnp.asarray(k, jnp.float32) + 1.0
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+  return ramp
+
+
+def tf_zero_debias_read(decay: float) -> Callable[[Any, int], Any]:
+  def read(state: Any, t: int) -> Any:
+    d_t = min(decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda b: b / (1 - d_t**t), ema_jax.ema_params(state))
+
+  return read
+
+
+def karras_ema_recipe(gamma: float, update_every: int) -> optax.GradientTransformation:
+  power = ema_jax.power_decay(gamma=gamma)
+
+  def decay(j: Any) -> Any:
+    # KarrasEMA's beta on the calls it acts on, 1 (no change) on the others,
+    # so the engine's product over `update_every` steps is KarrasEMA's beta.
+    return jnp.where((j + 1) % update_every == 0, power(j + 2), 1.0)
+
+  return ema_jax.ema(decay, start_step=1, update_every=update_every)
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.9, 0.5])
+def test_tf2_recipe_matches_tf2_wiring(decay):
+  _run_parity(tf2_recipe(decay), TfTrainLoopRef, dict(decay=decay), steps=60)
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.9])
+def test_tf_zero_debias_recipe_matches_tf(decay):
+  _run_parity(
+      ema_jax.ema(tf_zero_debias_ramp(decay)),
+      TfTrainLoopRef,
+      dict(decay=decay, zero_debias=True, tensors=True),
+      steps=60,
+      start=lambda params: jax.tree.map(jnp.zeros_like, params),
+      read=tf_zero_debias_read(decay),
+  )
+
+
+def test_tf_zero_debias_equals_debias_for_a_constant_decay_only():
+  # A decay below the ramp's first value (2/11) is constant: TF's divisor
+  # `1 - d ** t` is then the total weight that `debias` divides by.
+  _run_parity(
+      ema_jax.ema(0.1, debias=True), TfTrainLoopRef,
+      dict(decay=0.1, zero_debias=True, tensors=True), steps=30,
+  )
+  # With the ramp they differ (docs/migrating.md gives the size).
+  with pytest.raises(AssertionError):
+    _run_parity(
+        ema_jax.ema(tf_zero_debias_ramp(0.99), debias=True), TfTrainLoopRef,
+        dict(decay=0.99, zero_debias=True, tensors=True), steps=30,
+    )
+
+
+@pytest.mark.parametrize("update_every", [1, 3, 10])
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
+def test_karras_ema_recipe_matches_ema_pytorch(update_every, sigma_rel):
+  gamma = ema_jax.sigma_rel_to_gamma(sigma_rel)
+  _run_parity(
+      karras_ema_recipe(gamma, update_every),
+      KarrasEMATrainLoopRef,
+      dict(gamma=gamma, update_every=update_every),
+      steps=60,
+  )
+
+
+def test_karras_ema_is_one_step_off_edm2():
+  # EDM2's decay at update t is (1 - 1/t) ** (gamma + 1), `power_decay`;
+  # KarrasEMA's is (1 - 1/(t + 1)) ** (gamma + 1).
+  gamma = ema_jax.sigma_rel_to_gamma(0.05)
+  with pytest.raises(AssertionError):
+    _run_parity(
+        ema_jax.ema(ema_jax.power_decay(gamma=gamma)),
+        KarrasEMATrainLoopRef, dict(gamma=gamma, update_every=1), steps=30,
+    )

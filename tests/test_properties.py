@@ -354,7 +354,7 @@ def test_ema_pytorch_first_steps(beta, update_after_step, update_every, traj):
       e = p
       assert_bitwise_equal(history[k], traj[k])
       continue
-    if k % update_every == 0:
+    if k % update_every == 0 and beta < 1.0:  # beta == 1: `is_frozen`
       epoch = k - update_after_step
       d = max(min(1 - (1 + epoch / 1.0) ** (-2 / 3), beta), 0.0)
       e = d * e + (1 - d) * p
