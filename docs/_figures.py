@@ -89,10 +89,21 @@ def schedules():
           "half_life_decay(64,000 samples,\n  batch_size=64, rampup_ratio=0.05)",
           ema_jax.half_life_decay(64_000, batch_size=64, rampup_ratio=0.05),
       ),
-      # BEMA: add its row here, as ("bema(...)", schedule). `profile` needs the schedule's
-      # decay and weight at each update; if BEMA's weights do not come from one decay per
-      # update, give it its own weight curve in `decay_schedules` instead.
+      # BEMA's own EMA (TRL's defaults, averaging at every update): the new params'
+      # weight is (lag + t) ** -ema_power at update t = k + 1. BEMA's weights add
+      # (lag + t) ** -bias_power times the distance from theta_0 to it.
+      ("bema's EMA: (10 + t) ** -0.5\n  (update_freq=1)", _bema_average()),
   ]
+
+
+def _bema_average():
+  import jax.numpy as jnp
+  import ema_jax
+
+  def weight(count):
+    return (10.0 + (jnp.asarray(count) + 1).astype(jnp.float32)) ** -0.5
+
+  return ema_jax.DecaySchedule(lambda c: 1.0 - weight(c), weight, "bema average")
 
 
 def decay_schedules() -> bytes:
@@ -109,7 +120,7 @@ def decay_schedules() -> bytes:
            title="The new params' weight at each update")
   right.set(xlabel="update", ylabel=f"weight × {STEPS:,}", yscale="log", ylim=(1e-2, 20),
             title=f"What each update weighs after {STEPS:,}")
-  fig.legend(loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, -0.13))
+  fig.legend(loc="upper center", ncol=3, frameon=False, bbox_to_anchor=(0.5, 0.0))
   fig.tight_layout()
   return _svg(fig)
 
