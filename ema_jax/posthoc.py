@@ -903,15 +903,14 @@ class Snapshotter:
     The last step is the last one given to `maybe_save` or `save` at which
     the EMAs were updated; nothing is written with `save_on_close=False`, or
     when it already has a snapshot. Leaving a `with` block on an exception
-    closes without this snapshot.
+    closes without this snapshot. Orbax and the directory's lock are
+    released in every case; closing twice does nothing.
 
     Raises:
       ValueError: when the last state seen has been donated since (save
         the final state with `save(opt_state)` before closing), or is below
         the latest snapshot on disk (see `save`).
       RuntimeError: when a snapshot could not be written (see `maybe_save`).
-      Orbax and the directory's lock are released in every case; closing
-      twice does nothing.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
