@@ -65,8 +65,8 @@ def ema(
       updates since averaging began (0 at the first averaged update). A
       schedule is checked when the transformation is built, in one compiled
       evaluation on an array of steps: every step up to 1024 and 256 steps
-      spaced in log scale up to 2**30 (a schedule that only takes a scalar
-      count: every step up to 64 and 64 more up to 2**16, under `vmap`); it
+      spaced in log scale up to `2**30` (a schedule that only takes a scalar
+      count: every step up to 64 and 64 more up to `2**16`, under `vmap`); it
       must lie in [0, 1] at all of them. A traced decay, or a schedule of
       one, is checked when it is concrete. At run time any decay outside
       [0, 1] is clipped into it (above 1 keeps the average, below 0 copies
@@ -77,14 +77,14 @@ def ema(
     start_step: for the first `start_step` updates the average copies the new
       params (TensorFlow Addons' `start_step`; Keras' first step is
       `start_step=1`). An int, or a traced int32 scalar
-      (`inject_hyperparams` injects it), clamped to [0, 2**31 - 1].
+      (`inject_hyperparams` injects it), clamped to `[0, 2**31 - 1]`.
     update_every: average on every `update_every`-th update only. The decay is
       compensated (`decay ** update_every` for a constant decay; the product of
       the schedule over the skipped steps in general, computed on the
       updates that average only), so the averaging horizon in optimizer
       steps does not change. Skipped updates leave the average as it is.
       An int, or a traced int32 scalar (clamped to at least 1). Once the
-      int32 count saturates (2**31 - 1 updates), every update averages with
+      int32 count saturates (`2**31 - 1` updates), every update averages with
       the one-step decay.
     debias: start from zero and divide by the total weight, like Adam's bias
       correction: the average is unbiased from the first update (its first

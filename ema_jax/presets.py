@@ -126,7 +126,7 @@ def keras(
       float16 params (their updates are then float32, so `p + u` can reach
       the EMA: under strict dtype promotion apply them with
       `jnp.asarray(p + u.astype(...))` yourself), unless a param is over
-      2**16 (float16: 2**13) times its EMA; float32 params get the float32
+      `2**16` (float16: `2**13`) times its EMA; float32 params get the float32
       `p + u` nearest the EMA (no float32 `u` gives `0.3 + u == -0.001`
       exactly).
     ema_dtype: the average's dtype, as in `ema_jax.ema`.
