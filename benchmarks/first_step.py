@@ -69,17 +69,19 @@ def _chain(tx: optax.GradientTransformation, params: Any) -> Built:
 def _by_hand(params: Any) -> Built:
   adam = optax.adam(1e-3)
 
-  # What a user writes without a library: optax.ema's state, the average
-  # updated from the step's new params.
+  # What a user writes without a library: optax.ema's state (a float32
+  # average, as ema_jax keeps for bfloat16 params), the average updated from
+  # the step's new params.
   def step(params: Any, state: Any, grads: Any) -> Any:
     opt_state, ema = state
     updates, opt_state = adam.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    ema = optax.EmaState(optax.safe_increment(ema.count),
-                         optax.incremental_update(params, ema.ema, 1 - DECAY))
-    return params, (opt_state, ema)
+    new = jax.tree.map(lambda p, e: optax.incremental_update(p.astype(e.dtype), e, 1 - DECAY),
+                       params, ema.ema)
+    return params, (opt_state, optax.EmaState(optax.safe_increment(ema.count), new))
 
-  ema = optax.EmaState(jax.ShapeDtypeStruct((), jnp.int32), params)
+  average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+  ema = optax.EmaState(jax.ShapeDtypeStruct((), jnp.int32), average)
   return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
 
 
@@ -131,8 +133,9 @@ def _entry(name: str, params: Any) -> Built:
   return f, args, ()
 
 
-def build(case: str, leaves: int) -> Built:
-  params = params_like(leaves)
+def build(case: str, leaves: int, dtype: Any = jnp.float32) -> Built:
+  """`(f, args, donate_argnums)` of `case` over `leaves` leaves of `dtype`."""
+  params = params_like(leaves, dtype)
   adam = optax.adam(1e-3)
   if case == STEP_BASE:
     return _chain(adam, params)
@@ -143,8 +146,6 @@ def build(case: str, leaves: int) -> Built:
     return _chain(optax.chain(adam, ema), params)
   if case == "multi_ema((0.999, 0.9999))":
     return _chain(optax.chain(adam, ema_jax.multi_ema((DECAY, 0.9999))), params)
-  if case == "ema(), bfloat16 params":
-    return _chain(optax.chain(adam, ema_jax.ema(DECAY)), params_like(leaves, jnp.bfloat16))
   if case == BY_HAND:
     return _by_hand(params)
   if case in (NNX_BASE, "nnx.EMA"):
@@ -164,6 +165,11 @@ def count_ops(text: str) -> int:
   """StableHLO operations in a lowered module's text (`stablehlo.x`, calls)."""
   return sum(line.count("stablehlo.") + line.count(" call @") for line in text.splitlines()
              if "=" in line or "stablehlo.return" in line)
+
+
+def lower(case: str, leaves: int, dtype: Any = jnp.float32) -> Any:
+  f, args, donate = build(case, leaves, dtype)
+  return jax.jit(f, donate_argnums=donate).trace(*args).lower()
 
 
 def measure(case: str, leaves: int) -> dict[str, Any]:
