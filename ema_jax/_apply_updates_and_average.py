@@ -132,7 +132,7 @@ def apply_updates_and_average(
             f"Leaf {_leaves.path_str(path)}: the average of floating params "
             f"must be floating, got dtype {_leaves.leaf_dtype(e)}."
         )
-      new_ema.append(_engine.average_leaf(e, new_p, weight))
+      new_ema.append(_engine.average_leaf(jnp.asarray(e), new_p, weight))
     elif kind is Kind.CARRY:
       new_ema.append(_engine.copy(new_p))
     else:

@@ -30,20 +30,60 @@ EMA_DTYPES = tuple(
 # bfloat16 is the top half of float32, so stochastic rounding is a bit trick.
 STOCHASTIC_DTYPES = (np.dtype(jnp.bfloat16),)
 
-# Every count from 0 to 1024, then about 2000 counts spaced evenly in log
-# scale up to the largest int32 count, and the last few counts.
+# The counts a schedule is checked at when it is built: every count up to
+# 1024, then 256 spaced evenly in log scale up to 2**30 (past any run; a
+# schedule that only overflows int32 near 2**31 is not refused). Evaluated in
+# one compiled call on the array of counts. A schedule that cannot take an
+# array count (a `lax.cond` or a loop on it) is evaluated under `vmap` at the
+# counts up to 64 and 64 more spaced in log scale up to 2**16, so a loop of
+# `count` iterations stays short.
 PROBE_COUNTS = np.unique(
-    np.concatenate([
-        np.arange(0, 1025),
-        np.geomspace(1025, INT32_MAX, 2000).astype(np.int64),
-        INT32_MAX - np.arange(16),
-    ])
+    np.concatenate([np.arange(0, 1025), np.geomspace(1025, 2**30, 256)])
+    .astype(np.int64)
+).astype(np.int32)
+SCALAR_PROBE_COUNTS = np.unique(
+    np.concatenate([np.arange(0, 65), np.geomspace(65, 2**16, 64)])
+    .astype(np.int64)
 ).astype(np.int32)
 
 
-def integer(name: str, value: Any, minimum: int, maximum: int = INT32_MAX) -> int:
-  """A Python int in `[minimum, maximum]` (the counters are int32)."""
-  if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
+def is_traced(value: Any) -> bool:
+  """A value known only when the step runs (under `jit`, `vmap`, `grad`...)."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def traced_number(name: str, value: Any, kind: Any) -> jax.Array:
+  """A traced scalar of `kind` (jnp.integer or jnp.floating), checked by
+  shape and dtype (its value is checked where it is used)."""
+  dtype = getattr(value, "dtype", None)
+  if np.shape(value) != () or dtype is None or not jnp.issubdtype(dtype, kind):
+    what = "an integer" if kind is jnp.integer else "a float"
+    raise TypeError(
+        f"`{name}` is traced, so it must be a scalar of {what} dtype, got "
+        f"shape {np.shape(value)} and dtype {dtype}."
+    )
+  return value
+
+
+def integer(
+    name: str, value: Any, minimum: int, maximum: int = INT32_MAX,
+    *, traced: bool = False,
+) -> Any:
+  """A Python int in `[minimum, maximum]` (the counters are int32).
+
+  With `traced=True` a traced integer scalar is accepted as it is (from
+  `optax.inject_hyperparams` or a `vmap`): its range cannot be checked before
+  the step runs, so the caller clamps it there.
+  """
+  if is_traced(value):
+    if traced:
+      return traced_number(name, value, jnp.integer)
+    raise TypeError(
+        f"`{name}` must be a Python int, got a traced value: it decides the "
+        "structure of the state. Pass it as a Python int (for "
+        "`optax.inject_hyperparams`, in `static_args`)."
+    )
+  if isinstance(value, (bool, np.bool_)):
     raise TypeError(f"`{name}` must be a Python int, got {value!r}.")
   try:
     value = operator.index(value)
@@ -70,19 +110,37 @@ DECAY_HINT = (
 )
 
 
-def unit_float(name: str, value: Any, hint: str = DECAY_HINT) -> float:
-  """A real number in [0, 1] given as a Python or NumPy number."""
-  if isinstance(value, jax.core.Tracer):
+def unit_float(
+    name: str, value: Any, hint: str = DECAY_HINT, *, traced: bool = False
+) -> Any:
+  """A real number in [0, 1] given as a Python or NumPy number or a JAX scalar.
+
+  With `traced=True` a traced float scalar (from `optax.inject_hyperparams`,
+  a `vmap` over decays, or computed in the step) is accepted as it is: its
+  value is not known before the step runs, where the caller clips it.
+  An array narrower than float32 is refused: 0.999 in bfloat16 is 1.0.
+  """
+  dtype = getattr(value, "dtype", None)
+  if (
+      dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(dtype).bits < 32
+  ):
     raise TypeError(
-        f"`{name}` is traced (inside `jax.jit`, or injected by "
-        "`optax.inject_hyperparams`), but it must be known when the "
-        f"transformation is built. To change `{name}` during training, pass a "
-        "schedule of the step count instead (a function of the count, e.g. "
-        "`optax.linear_schedule(...)`, or `ema_jax.warmup_decay(...)`)."
+        f"`{name}` is a {dtype} value ({value!r}): that dtype cannot hold a "
+        "decay (0.999 rounds to 1.0 in bfloat16 and the average would "
+        "freeze). Pass it in float32; with `optax.inject_hyperparams` and "
+        "low-precision params, pass `hyperparam_dtype=jnp.float32`."
+    )
+  if is_traced(value):
+    if traced:
+      return traced_number(name, value, jnp.floating)
+    raise TypeError(
+        f"`{name}` is traced (inside `jax.jit` or `vmap`), but it must be "
+        "known when this is built; pass a Python float."
     )
   if isinstance(value, (bool, np.bool_, str, bytes)) or not isinstance(
       value, (int, float, np.integer, np.floating, np.ndarray, jax.Array)
-  ) or isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:
+  ) or np.ndim(value) != 0:
     raise TypeError(
         f"`{name}` must be a float in [0, 1], got {value!r} of type "
         f"{type(value).__name__}."
@@ -108,16 +166,20 @@ def positive_float(name: str, value: Any) -> float:
   return value
 
 
-def decay(name: str, value: Any) -> float | Callable[[jax.Array], jax.Array]:
-  """A decay: a float in [0, 1], or a schedule checked at dense step counts.
+def decay(name: str, value: Any) -> Any:
+  """A decay: a float in [0, 1], a traced float, or a schedule checked at
+  the counts of `PROBE_COUNTS`.
 
   A schedule is traced once on an abstract int32 count (it must be
-  jax-traceable and return a scalar), then evaluated at every count up to
-  1024 and at about 2000 counts spaced in log scale up to 2**31 - 1: a value
-  outside [0, 1], or NaN, at any of them fails here.
+  jax-traceable and return a float32 or wider scalar), then evaluated once,
+  compiled, on the array of probe counts (under `vmap` at the fewer
+  `SCALAR_PROBE_COUNTS` if it cannot take an array): a value outside [0, 1],
+  or NaN, at any of them fails here. A schedule whose value depends on a
+  traced value (a decay injected or computed in the step) cannot be checked
+  before the step runs; like every decay it is clipped into [0, 1] there.
   """
   if not callable(value):
-    return unit_float(name, value)
+    return unit_float(name, value, traced=True)
   try:
     out = jax.eval_shape(value, jax.ShapeDtypeStruct((), jnp.int32))
   except Exception as e:  # the user's schedule: any failure is theirs to see
@@ -135,16 +197,39 @@ def decay(name: str, value: Any) -> float | Callable[[jax.Array], jax.Array]:
     raise TypeError(
         f"The `{name}` schedule must return a float, but returns {out.dtype}."
     )
-  with jax.ensure_compile_time_eval():
-    values = np.asarray(jax.vmap(value)(jnp.asarray(PROBE_COUNTS)), np.float64)
+  if jnp.finfo(out.dtype).bits < 32:
+    raise TypeError(
+        f"The `{name}` schedule returns {out.dtype}, which cannot hold a decay "
+        "(0.999 rounds to 1.0 in bfloat16 and the average would freeze). "
+        "Compute it in float32."
+    )
+  counts, values = _probe(value)
+  if values is None:  # depends on a traced value: clipped at run time
+    return value
   bad = np.flatnonzero(~((values >= 0.0) & (values <= 1.0)))
   if bad.size:
-    k = int(PROBE_COUNTS[bad[0]])
+    k = int(counts[bad[0]])
     raise ValueError(
         f"The `{name}` schedule returns {values[bad[0]]} at step {k}; a decay "
         "must be in [0, 1] at every step."
     )
   return value
+
+
+def _probe(schedule: Any) -> tuple[np.ndarray, np.ndarray | None]:
+  """The schedule at the probe counts (`None`: not known before run time)."""
+  with jax.ensure_compile_time_eval():
+    counts = PROBE_COUNTS
+    try:
+      out = jax.jit(schedule)(jnp.asarray(counts))
+      if np.shape(out) != counts.shape:
+        raise ValueError("not elementwise in the count")
+    except Exception:  # a schedule of a scalar count only: vmap, fewer counts
+      counts = SCALAR_PROBE_COUNTS
+      out = jax.jit(jax.vmap(schedule))(jnp.asarray(counts))
+  if is_traced(out):
+    return counts, None
+  return counts, np.asarray(out, np.float64)
 
 
 def ema_dtype(value: Any) -> np.dtype | None:
@@ -160,6 +245,12 @@ def ema_dtype(value: Any) -> np.dtype | None:
         f"`ema_dtype` must be one of bfloat16, float16, float32, float64 (or "
         f"complex64/complex128 for complex params), got {dtype}. Narrower "
         "floats cannot resolve `1 - decay`."
+    )
+  if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+    raise ValueError(
+        f"`ema_dtype={dtype}` needs 64-bit JAX, which is off: JAX would keep "
+        "the average in 32 bits. Turn it on first "
+        "(`jax.config.update('jax_enable_x64', True)`), or pass a 32-bit dtype."
     )
   return dtype
 
@@ -208,15 +299,19 @@ def prng_key(value: Any) -> jax.Array:
   """A typed PRNG key from a key or an int seed, as `optax.add_noise` takes."""
   if isinstance(value, (bool, np.bool_)):
     raise TypeError(f"`key` must be a jax PRNG key or an int seed, got {value!r}.")
-  if isinstance(value, (int, np.integer)):
-    return jax.random.key(int(value))
-  if (
+  if isinstance(value, (int, np.integer)) or (
       isinstance(value, jax.Array)
-      and not isinstance(value, jax.core.Tracer)
       and value.shape == ()
       and jnp.issubdtype(value.dtype, jnp.integer)
-  ):  # an int seed as a concrete array (`optax.inject_hyperparams` makes one)
-    return jax.random.key(int(value))
+  ):  # an int seed, maybe as an array (`optax.inject_hyperparams` makes one)
+    seed = value if is_traced(value) else int(value)
+    try:
+      return jax.random.key(seed)
+    except (OverflowError, ValueError, TypeError) as e:
+      raise ValueError(
+          f"`key`: the seed {value!r} is out of the range JAX takes ({e}); "
+          "pass a seed in [0, 2**32) or a key (`jax.random.key(0)`)."
+      ) from None
   if isinstance(value, jax.Array) and jnp.issubdtype(
       value.dtype, jax.dtypes.prng_key
   ):
@@ -263,10 +358,13 @@ def index(value: Any, n: int) -> int:
 
 def not_swapped(state: Any, where: str) -> None:
   """The one refusal of a swapped state, whoever receives it."""
-  if isinstance(state, _state.SWAPPED_TYPES):
+  if _state.is_swapped_form(state):
     raise ValueError(
-        f"ema_jax: {where} got a swapped EMA state ({type(state).__name__}): "
-        "the EMA weights are in `params` and the raw weights are held in the "
-        "optimizer state. Swap back first: "
-        "`params, opt_state = ema_jax.swap(params, opt_state)`."
+        f"ema_jax: {where} got a swapped EMA state ({type(state).__name__} "
+        f"with a count of shape {jnp.shape(state.count)}): the EMA weights "
+        "are in the params and the raw weights are held in the optimizer "
+        "state. Swap back first: `params, opt_state = ema_jax.swap(params, "
+        "opt_state)`, or leave `ema_jax.flax.ema_weights(...)` / call the "
+        "hook's `on_test_end` before training (a step compiled with "
+        "`nnx.cached_partial` sees the swap through the count's shape)."
     )

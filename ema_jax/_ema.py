@@ -54,26 +54,36 @@ def ema(
   (wrapping the optimizer alone still moves the EMA on a skipped step).
 
   Args:
-    decay: the weight of the old average, a float in [0, 1] or a schedule (a
-      jax-traceable callable of the step count returning a scalar, e.g.
+    decay: the weight of the old average: a float in [0, 1]; a float32 (or
+      wider) scalar that may be traced (from `optax.inject_hyperparams(
+      ema_jax.ema)(decay=0.999)`, a `jax.vmap` over decays, or computed in
+      the step); or a schedule (a jax-traceable callable of the step count
+      returning a float32 or wider scalar, e.g.
       `ema_jax.warmup_decay(0.9999)`). The schedule's step is the number of
-      updates since averaging began (0 at the first averaged update). It is
-      evaluated at every step up to 1024 and at ~2000 steps up to 2**31 - 1
-      when the transformation is built, and must lie in [0, 1] at all of
-      them. At run time a decay outside [0, 1] is clipped into it (above 1
-      keeps the average, below 0 copies the params) and NaN keeps the
-      average, so the average never leaves the range of the params. To change the
-      decay during training, pass a schedule: `optax.inject_hyperparams(
-      ema_jax.ema)` does not work under jit, because the options are checked
-      (and `update_every` is structural) when the transformation is built.
+      updates since averaging began (0 at the first averaged update). A
+      schedule is checked when the transformation is built, in one compiled
+      evaluation on an array of steps: every step up to 1024 and 256 steps
+      spaced in log scale up to 2**30 (a schedule that only takes a scalar
+      count: every step up to 64 and 64 more up to 2**16, under `vmap`); it
+      must lie in [0, 1] at all of them. A traced decay, or a schedule of
+      one, is checked when it is concrete. At run time any decay outside
+      [0, 1] is clipped into it (above 1 keeps the average, below 0 copies
+      the params) and NaN keeps the average, so the average never leaves
+      the range of the params. A bfloat16/float16 decay is refused (0.999
+      is 1.0 there): with `inject_hyperparams` and low-precision params pass
+      `hyperparam_dtype=jnp.float32`.
     start_step: for the first `start_step` updates the average copies the new
       params (TensorFlow Addons' `start_step`; Keras' first step is
-      `start_step=1`).
+      `start_step=1`). An int, or a traced int32 scalar
+      (`inject_hyperparams` injects it), clamped to [0, 2**31 - 1].
     update_every: average on every `update_every`-th update only. The decay is
       compensated (`decay ** update_every` for a constant decay; the product of
-      the schedule over the skipped steps in general), so the averaging horizon
-      in optimizer steps does not change. Skipped updates leave the average as
-      it is.
+      the schedule over the skipped steps in general, computed on the
+      updates that average only), so the averaging horizon in optimizer
+      steps does not change. Skipped updates leave the average as it is.
+      An int, or a traced int32 scalar (clamped to at least 1). Once the
+      int32 count saturates (2**31 - 1 updates), every update averages with
+      the one-step decay.
     debias: start from zero and divide by the total weight, like Adam's bias
       correction: the average is unbiased from the first update (its first
       update is a copy). Kept in debiased form, so reading it costs nothing.
@@ -107,17 +117,22 @@ def ema(
 
   Raises:
     TypeError: when built, for a decay, flag or count of the wrong type
-      (`ema("0.9")`, `debias="no"`); at `init`, for a leaf that is not an
-      array (the message names its path).
+      (`ema("0.9")`, `debias="no"`), a decay or schedule value narrower
+      than float32, a schedule that cannot be traced, or a traced
+      `start_step` / `update_every` that is not an integer scalar; at
+      `init`, for a leaf that is not an array (the message names its path).
     ValueError: when built, for a decay outside [0, 1] (a schedule's at any
       probed step), a schedule that does not return a scalar, `start_step`
       or `update_every` outside the int32 range they count in, an
-      `ema_dtype` that is not bfloat16/float16/float32/float64,
-      `rounding='stochastic'` without `ema_dtype=jnp.bfloat16`, an unknown
-      `memory_kind`; at `init`, for a `memory_kind` the device lacks; at
-      `update`, for a swapped state, missing `params`, or params whose
-      structure, shapes or dtypes differ from the state's (the message names
-      the leaf).
+      `ema_dtype` that is not bfloat16/float16/float32/float64 (or
+      complex64/complex128), a 64-bit `ema_dtype` with x64 off,
+      `rounding='stochastic'` without `ema_dtype=jnp.bfloat16`, a `key`
+      seed out of range, an unknown `memory_kind`; at `init`, for a
+      `memory_kind` the device lacks, or an `ema_dtype` that is real for a
+      complex leaf (or complex for a real one); at `update` (at trace time
+      under `jit`), for a swapped state, missing `params`, or params whose
+      structure, shapes or dtypes differ from the state's (the message
+      names the leaf).
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax
@@ -215,8 +230,8 @@ def _build(
   """`ema` (one decay, not stacked) and `multi_ema` share this one body."""
   names = [f"decays[{i}]" if stacked else "decay" for i in range(len(decays))]
   schedules = [_schedules.as_schedule(d, name) for d, name in zip(decays, names)]
-  start_step = _checks.integer("start_step", start_step, 0)
-  update_every = _checks.integer("update_every", update_every, 1)
+  start_step = _checks.integer("start_step", start_step, 0, traced=True)
+  update_every = _checks.integer("update_every", update_every, 1, traced=True)
   return _engine.transformation(
       _engine.schedule_rule(schedules, start_step, update_every),
       len(schedules) if stacked else None,

@@ -44,7 +44,7 @@ Rule = Callable[[jax.Array], Step]
 
 
 def schedule_rule(
-    schedules: Sequence[_schedules.Schedule], start_step: int, update_every: int
+    schedules: Sequence[_schedules.Schedule], start_step: Any, update_every: Any
 ) -> Rule:
   """Copy for `start_step` updates, then average every `update_every`-th one.
 
@@ -52,40 +52,76 @@ def schedule_rule(
   schedule's decays over those steps, so the horizon in optimizer steps does
   not depend on `update_every` (for a constant decay, `decay ** k`; for a power
   profile, EDM2's `(1 - k / t) ** (gamma + 1)`). The product is taken as
-  `-expm1(sum(log1p(-weight)))`, which keeps its complement exact near 1.
+  `-expm1(sum(log1p(-weight)))`, which keeps its complement exact near 1, and
+  only on the updates that average. `start_step` and `update_every` may be
+  traced int scalars (`optax.inject_hyperparams` injects them); they are
+  clamped to at least 0 and 1. Once the int32 count saturates (2**31 - 1
+  updates) every update averages with the one-step weight.
   """
   dtype = jnp.result_type(float)  # one dtype for every average's weight
   weights = [_schedules.weight_fn(s) for s in schedules]
-  if start_step == 0 and update_every == 1 and all(
-      getattr(s, "constant", False) for s in schedules
+  static_k = isinstance(update_every, int)
+  if isinstance(start_step, int) and start_step == 0 and (
+      static_k and update_every == 1
+      and all(getattr(s, "constant", False) for s in schedules)
   ):
     # Every update averages with the same weight: constants, not functions of
     # the run-time count, so XLA folds them into each leaf's loop (no per-
     # element select for a copy that never happens, no cond).
     active: Any = np.bool_(True)
     # Concrete even when the transformation is built inside a trace
-    # (`jax.eval_shape` of a template, a step that builds it under `jit`).
+    # (`jax.eval_shape` of a template, a step that builds it under `jit`);
+    # a traced decay (injected, vmapped) stays a traced scalar.
     with jax.ensure_compile_time_eval():
-      weight: Any = np.stack(
-          [np.asarray(f(jnp.zeros((), jnp.int32)), dtype) for f in weights]
+      weight: Any = jnp.stack(
+          [jnp.asarray(f(jnp.zeros((), jnp.int32)), dtype) for f in weights]
       )
+    if not _checks.is_traced(weight):
+      weight = np.asarray(weight)
     folded = Step(active, weight)
     return lambda count: folded
 
+  def one_step(j: jax.Array) -> jax.Array:
+    return jnp.stack([jnp.asarray(f(j), dtype) for f in weights])
+
+  def over_steps(j: jax.Array, k: Any) -> jax.Array:
+    """`1 - prod(1 - w)` over the `k` steps ending at averaged step `j`."""
+    # Per schedule, as `ema` computes its one: each average of a `multi_ema`
+    # is bitwise the `ema` of its decay.
+    return jnp.stack([
+        -jnp.expm1(log_keep(f, getattr(s, "constant", False), j, k))
+        for f, s in zip(weights, schedules)
+    ])
+
+  def log_keep(f: Any, constant: bool, j: jax.Array, k: Any) -> jax.Array:
+    def log1m(step: jax.Array) -> jax.Array:
+      return jnp.log1p(-jnp.asarray(f(step), dtype))
+
+    if constant:
+      return jnp.asarray(k, dtype) * log1m(j)
+    if static_k and update_every <= 64:
+      steps = jnp.maximum(j - jnp.arange(update_every - 1, -1, -1, dtype=j.dtype), 0)
+      return jnp.sum(jax.vmap(log1m)(steps))
+    # No k-sized array: a loop, run only on the updates that average.
+    return jax.lax.fori_loop(
+        0, k, lambda i, acc: acc + log1m(jnp.maximum(j - i, 0)),
+        jnp.zeros((), dtype),
+    )
+
   def rule(count: jax.Array) -> Step:
-    j = count - start_step
+    j = count - jnp.clip(start_step, 0, _checks.INT32_MAX).astype(count.dtype)
     copying = j < 0
     j = jnp.maximum(j, 0)
-    if update_every == 1:
-      w = jnp.stack([jnp.asarray(f(j), dtype) for f in weights])
-      due = jnp.ones((), bool)
+    if static_k and update_every == 1:
+      w = one_step(j)
+      due: Any = jnp.ones((), bool)
     else:
-      steps = jnp.maximum(j - jnp.arange(update_every - 1, -1, -1, dtype=j.dtype), 0)
-      w = jnp.stack([
-          -jnp.expm1(jnp.sum(jnp.log1p(-jax.vmap(f)(steps).astype(dtype))))
-          for f in weights
-      ])
-      due = (j + 1) % update_every == 0
+      k = jnp.maximum(jnp.asarray(update_every, count.dtype), 1)
+      saturated = count == _checks.INT32_MAX
+      due = saturated | (j % k == k - 1)
+      w = jax.lax.cond(
+          due & ~saturated, lambda j: over_steps(j, k), one_step, j
+      )
     return Step(copying | due, jnp.where(copying, jnp.ones_like(w), w))
 
   return rule
@@ -155,6 +191,40 @@ def average_leaf(
   return _rounding.stochastic_round(mixed, key)
 
 
+def overwrite_dtype(p: Any, u: Any) -> np.dtype:
+  """The updates' dtype when the EMA is written back: float32 or wider, so
+  that `p + u` can reach a bfloat16/float16 param's EMA exactly."""
+  return np.dtype(jnp.promote_types(_leaves.compute_dtype(_leaves.leaf_dtype(p)), u.dtype))
+
+
+def overwrite_update(p: Any, u: Any, e: jax.Array) -> jax.Array:
+  """The update `u` with `optax.apply_updates(p, u)` equal to the EMA `e`.
+
+  The target is `e` in the params' dtype, what Keras assigns. The update is
+  in `overwrite_dtype`: for bfloat16/float16 params `p + u` is then exactly
+  the target unless the param is over 2**16 (float16: 2**13) times its EMA;
+  for float32 params (and there) it is the `p + u` nearest the target that a
+  float32 update reaches (no float32 `u` gives `0.3 + u == -0.001` exactly).
+  Of `round(target - p)` and its two neighbours, the one landing nearest.
+  """
+  p_dtype = _leaves.leaf_dtype(p)
+  dtype = overwrite_dtype(p, u)
+  target = e.astype(p_dtype)
+  pf, tf = jnp.asarray(p).astype(dtype), target.astype(dtype)
+  first = tf - pf
+  best, best_miss = first, None
+  for candidate in (first, jnp.nextafter(first, -jnp.inf), jnp.nextafter(first, jnp.inf)):
+    landed = (pf + candidate).astype(p_dtype).astype(dtype)
+    miss = jnp.abs(landed - tf)
+    if best_miss is None:
+      best_miss = miss
+      continue
+    closer = miss < best_miss
+    best = jnp.where(closer, candidate, best)
+    best_miss = jnp.where(closer, miss, best_miss)
+  return best
+
+
 def _stack(x: jax.Array, n: int) -> jax.Array:
   stacked = jnp.broadcast_to(x[None], (n, *jnp.shape(x)))
   sharding = getattr(x, "sharding", None)
@@ -213,20 +283,25 @@ def transformation(
   what = "multi-EMA state" if stacked else "EMA state"
   weight_shape = (n,) if stacked else ()
 
-  def expected_dtype(p: Any, kind: Kind) -> Any:
+  def expected_dtype(p: Any, kind: Kind, path: Any = ()) -> Any:
     p_dtype = _leaves.leaf_dtype(p)
-    return _leaves.ema_dtype_for(p_dtype, dtype) if kind is Kind.AVERAGE else p_dtype
+    if kind is not Kind.AVERAGE:
+      return p_dtype
+    return _leaves.ema_dtype_for(p_dtype, dtype, path)
 
   def init_fn(params: optax.Params) -> Any:
     _checks.memory_kind_available(memory_kind)
     kinds = _leaves.leaf_kinds(params, mask)
-    leaves, treedef = jax.tree.flatten(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    # `memory_kind` places the averages. Carried leaves (ints, bools, PRNG
+    # keys) stay where the params are: a key in host memory is aliased to a
+    # device output of its shape by a donated jit, and XLA aborts.
     ema = [
         _memory.put(
-            start_leaf(p, kind, expected_dtype(p, kind), num_averages),
-            memory_kind,
+            start_leaf(p, kind, expected_dtype(p, kind, path), num_averages),
+            memory_kind if kind is Kind.AVERAGE else None,
         )
-        for p, kind in zip(leaves, kinds)
+        for (path, p), kind in zip(flat, kinds)
     ]
     return state_type(
         count=jnp.zeros((), jnp.int32),
@@ -261,7 +336,7 @@ def transformation(
     for (path, p), e, kind in zip(flat, e_leaves, kinds):
       _leaves.check_stored(
           path, p, e, kind, what,
-          num_averages=num_averages, dtype=expected_dtype(p, kind),
+          num_averages=num_averages, dtype=expected_dtype(p, kind, path),
       )
     if rounding == "stochastic" and state.rounding_key is None:
       raise ValueError(
@@ -284,7 +359,7 @@ def transformation(
 
     overwrite = None
     if overwrite_every is not None:
-      overwrite = (state.count + 1) % overwrite_every == 0
+      overwrite = state.count % overwrite_every == overwrite_every - 1
 
     rounding_key, leaf_keys = _rounding.split(state.rounding_key, len(p_leaves))
     averaged = [i for i, kind in enumerate(kinds) if kind is Kind.AVERAGE]
@@ -329,16 +404,38 @@ def transformation(
     else:
       new_list = average(old) if bool(step.active) else old
     new_averages = dict(zip(averaged, new_list))
+    if overwrite is not None:
+      # Keras' `ema_overwrite_frequency`: the params become the EMA.
+      written = [i for i in averaged if u_leaves[i] is not None]
+
+      def write_back(us: list[Any]) -> list[Any]:
+        return [
+            overwrite_update(
+                p_leaves[i], u, _memory.put(new_averages[i], on_device)
+            )
+            for i, u in zip(written, us)
+        ]
+
+      def keep(us: list[Any]) -> list[Any]:
+        return [
+            u.astype(overwrite_dtype(p_leaves[i], u)) for i, u in zip(written, us)
+        ]
+
+      us = [u_leaves[i] for i in written]
+      if isinstance(overwrite, jax.core.Tracer):
+        us = jax.lax.cond(overwrite, write_back, keep, us)
+      else:
+        us = write_back(us) if bool(overwrite) else keep(us)
+      u_leaves = list(u_leaves)
+      for i, u in zip(written, us):
+        u_leaves[i] = u
     new_ema, new_updates = [], []
     for i, (p, u, kind) in enumerate(zip(p_leaves, u_leaves, kinds)):
       e = e_leaves[i]
       if kind is Kind.AVERAGE:
         e = new_averages[i]
-        if overwrite is not None and u is not None:
-          e_p = _memory.put(e, on_device).astype(_leaves.leaf_dtype(p))
-          u = jnp.where(overwrite, (e_p - p).astype(u.dtype), u)
       elif kind is Kind.CARRY:
-        e = _memory.put(copy(apply_update(p, u)), memory_kind)
+        e = copy(apply_update(p, u))
       new_ema.append(e)
       new_updates.append(u)
 

@@ -30,8 +30,13 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def leaf_dtype(x: Any) -> np.dtype:
-  """The dtype of a leaf, Python scalars included (as optax gives them)."""
-  return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+  """The dtype of a leaf as JAX holds it: Python scalars as optax gives them,
+  NumPy float64 as float32 when x64 is off (JAX converts them so)."""
+  if not hasattr(x, "dtype"):
+    return jnp.asarray(x).dtype
+  if isinstance(x, (np.ndarray, np.generic)):
+    return jax.dtypes.canonicalize_dtype(x.dtype)
+  return x.dtype
 
 
 def is_float(x: Any) -> bool:
@@ -41,11 +46,32 @@ def is_float(x: Any) -> bool:
   return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
-def ema_dtype_for(param_dtype: Any, ema_dtype: Any) -> np.dtype:
-  """float32 for float16/bfloat16 (and narrower) params unless `ema_dtype` says."""
-  if ema_dtype is not None:
-    return np.dtype(ema_dtype)
+def ema_dtype_for(
+    param_dtype: Any, ema_dtype: Any, path: Sequence[Any] = ()
+) -> np.dtype:
+  """float32 for float16/bfloat16 (and narrower) params unless `ema_dtype` says.
+
+  An `ema_dtype` that is complex for a real leaf, or real for a complex one,
+  is refused, naming the leaf: a real average of complex params would drop
+  their imaginary part.
+  """
   param_dtype = np.dtype(param_dtype)
+  if ema_dtype is not None:
+    ema_dtype = np.dtype(ema_dtype)
+    complex_param = jnp.issubdtype(param_dtype, jnp.complexfloating)
+    if complex_param != jnp.issubdtype(ema_dtype, jnp.complexfloating):
+      fix = (
+          "pass a complex `ema_dtype` (complex64/complex128) or None"
+          if complex_param else "pass a real float `ema_dtype` or None"
+      )
+      raise ValueError(
+          f"Leaf {path_str(path)} is {param_dtype} but `ema_dtype` is "
+          f"{ema_dtype}: the average would "
+          f"{'drop the imaginary part' if complex_param else 'be complex'}. "
+          f"Average complex leaves in a complex dtype: {fix}, or exclude the "
+          "leaf with `mask`."
+      )
+    return ema_dtype
   if jnp.issubdtype(param_dtype, jnp.complexfloating):
     return param_dtype
   if jnp.finfo(param_dtype).bits < 32:
@@ -158,7 +184,11 @@ def flatten_like(params_def: Any, tree: Any, what: str) -> list[Any]:
   except (ValueError, TypeError) as e:
     params = jax.tree.unflatten(params_def, [0] * params_def.num_leaves)
     name = "updates" if what == "updates" else f"the {what}"
-    where = _differences(params, tree, name) or str(e)
+    # Never the error's own text: under jit it prints tracers, not structure.
+    where = _differences(params, tree, name) or (
+        "the same leaf paths in other containers: params are "
+        f"{params_def}, {name} {jax.tree.structure(tree, is_leaf=lambda v: v is None)}"
+    )
     if what == "updates":
       message = (
           "`updates` do not have the structure of `params` "

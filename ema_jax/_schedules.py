@@ -88,7 +88,24 @@ def as_schedule(value: Any, name: str = "decay") -> Schedule:
   checked = _checks.decay(name, value)
   if isinstance(checked, float):
     return constant_decay(checked)
+  if _checks.is_traced(checked):
+    return _traced_constant(checked)
   return checked
+
+
+def _traced_constant(decay: jax.Array) -> DecaySchedule:
+  """A decay known only when the step runs (injected, vmapped, computed).
+
+  Its weight is `1 - decay` in the decay's dtype (float32 unless x64 is on),
+  clipped into [0, 1] by the engine like every weight.
+  """
+  weight = 1 - decay
+  return DecaySchedule(
+      lambda count: jnp.full_like(_float(count), decay),
+      lambda count: jnp.full_like(_float(count), weight),
+      "constant_decay(<traced>)",
+      constant=True,
+  )
 
 
 def _float(count: Any) -> jax.Array:

@@ -86,7 +86,9 @@ class SwappedEmaState(NamedTuple):
     state template by mistake (the tree keys differ).
 
   Attributes:
-    count: as in `EmaState`.
+    count: the count of the `EmaState`, held with shape (1,) while swapped:
+      a step compiled for the unswapped state (a cached NNX graph,
+      `nnx.cached_partial`) sees the new shape and refuses to train. int32.
     ema: the average, unchanged (the params handed out are these arrays).
     raw_params: the training parameters, held while the EMA is swapped in;
       `None` at leaves the EMA does not cover.
@@ -118,7 +120,7 @@ class SwappedMultiEmaState(NamedTuple):
   template.
 
   Attributes:
-    count: as in `MultiEmaState`.
+    count: as in `SwappedEmaState`, shape=(1,), int32.
     ema: the stacked averages, unchanged.
     raw_params: the training params held while average `index` is swapped in;
       `None` at leaves the EMA does not cover.
@@ -146,6 +148,31 @@ class SwappedMultiEmaState(NamedTuple):
 AnyEmaState = Union[EmaState, MultiEmaState, SwappedEmaState, SwappedMultiEmaState]
 STATE_TYPES = (EmaState, MultiEmaState, SwappedEmaState, SwappedMultiEmaState)
 SWAPPED_TYPES = (SwappedEmaState, SwappedMultiEmaState)
+# A swapped state holds its count with this shape, not (). The type alone
+# cannot mark a swapped state everywhere: a step compiled with a cached graph
+# (`nnx.cached_partial`) keeps seeing the unswapped NamedTuple type and only
+# reads the values of the Variables it holds, the count's among them. A new
+# shape is seen by every `jit` (it retraces), so every calling pattern refuses
+# to train while swapped, before anything runs.
+SWAPPED_COUNT_SHAPE = (1,)
+
+
+def swapped_count(count: jax.Array) -> jax.Array:
+  """The count as a swapped state holds it."""
+  return jnp.reshape(count, SWAPPED_COUNT_SHAPE)
+
+
+def unswapped_count(count: jax.Array) -> jax.Array:
+  """The count of a swapped state, as the unswapped state holds it."""
+  return jnp.reshape(count, ())
+
+
+def is_swapped_form(state: Any) -> bool:
+  """Whether an EMA state is swapped: by its type, or by its count's shape
+  (what a cached graph that kept the unswapped type still shows)."""
+  if isinstance(state, SWAPPED_TYPES):
+    return True
+  return is_state(state) and jnp.shape(state.count) == SWAPPED_COUNT_SHAPE
 MULTI_TYPES = (MultiEmaState, SwappedMultiEmaState)
 
 

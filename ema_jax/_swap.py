@@ -189,13 +189,14 @@ def swap(
     which: with several EMA states in `state`, the index of the one to swap.
     index: for a `multi_ema` state, which of its averages to swap in, a
       Python int; swapping back needs no `index` (the state records it).
-    memory_kind: `None` exchanges the trees as they are. `'device'` puts the
-      returned params in device memory, and each leaf the state takes in
-      their place where the average it stands beside is: with an EMA kept in
-      host memory (`ema(memory_kind='pinned_host')`), the EMA comes to the
-      device to evaluate and the training params wait in host memory, so
-      device memory use does not grow; swapping back with
-      `memory_kind='device'` brings them back. Transfers are exact.
+    memory_kind: where the returned params go. `None` (default): each where
+      the leaf it replaces was, and each leaf the state takes in their place
+      where the average it stands beside is: with an EMA kept in host memory
+      (`ema(memory_kind='pinned_host')`) the EMA comes to the device to
+      evaluate and the training params wait in host memory, so device memory
+      use does not grow; swapping back brings them to the device again.
+      `'device'` or `'pinned_host'` put the returned params there instead.
+      Transfers are exact; without offload nothing moves.
 
   Returns:
     `(params, state)` swapped.
@@ -244,32 +245,37 @@ def swap(
       out.append(p)
       raw.append(e)  # the state's placeholder: None or optax.MaskedNode
     elif swapped:
-      out.append(_memory.put(held[k], memory_kind))
+      out.append(_placed(held[k], p, memory_kind))
     else:
-      ema_leaf = _pick(e, i)
-      if memory_kind is not None:
-        ema_leaf = _memory.put(ema_leaf, memory_kind)
-        p = _memory.same_memory_as(p, e)
-      out.append(ema_leaf)
-      raw.append(p)
+      # The leaves trade places: each goes where the one it replaces was.
+      out.append(_placed(_pick(e, i), p, memory_kind))
+      raw.append(_memory.same_memory_as(p, e))
 
   new: Any
   if swapped:
     rest = (found.debias_norm, found.rounding_key)
     new = (_state.MultiEmaState if multi else _state.EmaState)(
-        found.count, found.ema, *rest
+        _state.unswapped_count(found.count), found.ema, *rest
     )
   elif multi:
     new = _state.SwappedMultiEmaState(
-        found.count, found.ema, jax.tree.unflatten(treedef, raw),
+        _state.swapped_count(found.count), found.ema,
+        jax.tree.unflatten(treedef, raw),
         jnp.asarray(i, jnp.int32), found.debias_norm, found.rounding_key,
     )
   else:
     new = _state.SwappedEmaState(
-        found.count, found.ema, jax.tree.unflatten(treedef, raw),
-        found.debias_norm, found.rounding_key,
+        _state.swapped_count(found.count), found.ema,
+        jax.tree.unflatten(treedef, raw), found.debias_norm, found.rounding_key,
     )
   return jax.tree.unflatten(treedef, out), _state.replace(state, which, new)
+
+
+def _placed(x: Any, replaced: Any, memory_kind: str | None) -> Any:
+  """`x` in `memory_kind`, or by default where `replaced` is."""
+  if memory_kind is None:
+    return _memory.same_memory_as(x, replaced)
+  return _memory.put(x, memory_kind)
 
 
 def blend(
@@ -291,13 +297,15 @@ def blend(
   `alpha=1`, computed in float32 or wider in between. Leaves the EMA carries
   (integer, boolean, keys) or does not cover (`mask`) are the params' own.
   The state is not changed; the optimizer's own state (Adam's moments) is
-  not either. Jittable: `alpha` and `index` are Python numbers, static
-  under `jit`; to blend on some steps only, select with `jax.lax.cond`.
+  not either. Jittable, with `alpha` a Python float or a float32 (or wider)
+  scalar that may be traced (Switch EMA computes it in the step); a traced
+  alpha outside [0, 1] is clipped into it at run time (NaN keeps the
+  params). `index` is a Python int.
 
   Args:
     params: the params, a tree like the ones the EMA was initialised with.
     opt_state: an EMA state or any optax state holding one, not swapped.
-    alpha: the weight of the EMA, a float in [0, 1].
+    alpha: the weight of the EMA, a float in [0, 1], or a traced scalar.
     which: with several EMA states in `opt_state`, the index of the one to use.
     index: for a `multi_ema` state, which of its averages to blend in.
 
@@ -305,11 +313,12 @@ def blend(
     The blended params, a tree like `params`.
 
   Raises:
-    ValueError: `alpha` outside [0, 1]; a swapped state; `params` whose
+    ValueError: a concrete `alpha` outside [0, 1]; a swapped state; `params` whose
       structure, shapes or kinds of number differ from the state's (the
       message names the leaf); `index` missing, out of range or given for a
       single EMA.
-    TypeError: `alpha` not a real number; `index` not a Python int.
+    TypeError: `alpha` not a real number, or of a dtype narrower than
+      float32; `index` not a Python int.
 
   Examples:
     >>> import jax.numpy as jnp, optax, ema_jax
@@ -326,15 +335,17 @@ def blend(
   alpha = _checks.unit_float(
       "alpha", alpha,
       "`alpha` is the weight of the EMA: 0 keeps the params, 1 writes the EMA "
-      "into them.",
+      "into them.", traced=True,
   )
   _, found, treedef, leaves, _, _ = _align(params, opt_state, which)
   _checks.not_swapped(found, "`blend`")
   i = _index(found, index)
-  weight = jnp.asarray(alpha)
+  traced = _checks.is_traced(alpha)
+  # A traced alpha is clipped at run time as a decay's weight is.
+  weight = _engine.clip_weight(alpha) if traced else jnp.asarray(alpha)
   out = []
   for _, p, e, kind in leaves:
-    if kind is Kind.AVERAGE and alpha > 0:
+    if kind is Kind.AVERAGE and (traced or alpha > 0):
       ema_leaf = _memory.same_memory_as(_pick(e, i), p)
       # One EMA step of the params toward the EMA, with weight `alpha`.
       p = _engine.average_leaf(jnp.asarray(p), ema_leaf, weight)
@@ -353,9 +364,10 @@ def reset(
   Every average (all of a `multi_ema` state's) becomes a copy of `params` in
   its own dtype, with its sharding and memory kind; carried leaves take the
   params' values; the count, the rest of the EMA state and every other
-  optimizer state are unchanged, so schedules continue where they were (with
-  `debias=True` the normaliser too: the restarted average counts as having
-  the weight gathered so far). Use it to restart an EMA, or to start a
+  optimizer state are unchanged, so schedules continue where they were.
+  With `debias=True` the restarted average has its full weight (the
+  normaliser is set to 1): the next update moves it by `1 - decay`, as
+  without `debias`, and never copies over it. Use it to restart an EMA, or to start a
   teacher apart from the student: BYOL initialises its target network from
   another seed.
 
@@ -390,5 +402,11 @@ def reset(
       start = _engine.start_leaf(p, kind, _leaves.leaf_dtype(e), n)
       e = _memory.placed_like(start, e)
     ema.append(e)
-  new = found._replace(ema=jax.tree.unflatten(treedef, ema))
+  norm = found.debias_norm
+  # Restarted at the params with their full weight: with `debias=True` a norm
+  # of 0 (a reset before any update) would let the next update copy over it.
+  new = found._replace(
+      ema=jax.tree.unflatten(treedef, ema),
+      debias_norm=None if norm is None else jnp.ones_like(norm),
+  )
   return _state.replace(opt_state, which, new)

@@ -103,7 +103,13 @@ def keras(
   Args:
     ema_momentum: Keras' `ema_momentum`, in [0, 1].
     ema_overwrite_frequency: Keras' `ema_overwrite_frequency`, an int >= 1 or
-      None.
+      None. The write-back is exact as Keras' assignment is for bfloat16 and
+      float16 params (their updates are then float32, so `p + u` can reach
+      the EMA: under strict dtype promotion apply them with
+      `jnp.asarray(p + u.astype(...))` yourself), unless a param is over
+      2**16 (float16: 2**13) times its EMA; float32 params get the float32
+      `p + u` nearest the EMA (no float32 `u` gives `0.3 + u == -0.001`
+      exactly).
     ema_dtype: the average's dtype, as in `ema_jax.ema`.
     mask: which floating leaves to average, as in `ema_jax.ema`.
     rounding: `'nearest'` or `'stochastic'`, as in `ema_jax.ema`.
@@ -259,7 +265,10 @@ def timm(
     >>> ema_jax.ema_params(state)  # step 1 copies 1; step 2: 0.5*1 + 0.5*2
     Array([1.5], dtype=float32)
   """
-  uas = _checks.integer("update_after_step", update_after_step, 0)
+  # Averaging starts at update `update_after_step + 1`: an int32 count too.
+  uas = _checks.integer(
+      "update_after_step", update_after_step, 0, _checks.INT32_MAX - 1
+  )
   schedule = _after_warmup_schedule(
       decay, min_decay, use_warmup, warmup_gamma, warmup_power, ramp="constant"
   )
@@ -322,7 +331,10 @@ def diffusers(
     >>> ema_jax.ema_params(state)  # step 1 copies 1; step 2 decay 2/11
     Array([1.8181819], dtype=float32)
   """
-  uas = _checks.integer("update_after_step", update_after_step, 0)
+  # Averaging starts at update `update_after_step + 1`: an int32 count too.
+  uas = _checks.integer(
+      "update_after_step", update_after_step, 0, _checks.INT32_MAX - 1
+  )
   schedule = _after_warmup_schedule(
       decay, min_decay, use_ema_warmup, inv_gamma, power, ramp="tf"
   )

@@ -33,6 +33,7 @@ def params():
       "b": jnp.ones(3),
       "h": jnp.ones(3, jnp.bfloat16),
       "n": jnp.arange(3, dtype=jnp.int32),  # carried
+      "k": jax.random.key(1),  # carried: stays in device memory
   }
 
 
@@ -41,14 +42,17 @@ def transformations():
     yield name, ema_jax.ema(0.9, memory_kind=HOST, **kw)
   yield "multi_ema", ema_jax.multi_ema([0.5, 0.9], memory_kind=HOST)
   yield "masked", optax.masked(
-      ema_jax.ema(0.9, memory_kind=HOST), {"w": True, "b": False, "h": True, "n": False})
+      ema_jax.ema(0.9, memory_kind=HOST), {"w": True, "b": False, "h": True, "n": False, "k": False})
 
 
 def steps(tx):
   def step(p, s):
-    grads = jax.tree.map(lambda x: jnp.ones_like(x) if x.dtype != jnp.int32 else jnp.zeros_like(x), p)
+    grads = jax.tree.map(
+        lambda x: None if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        else jnp.ones_like(x) if x.dtype != jnp.int32 else jnp.zeros_like(x), p)
     u, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, u), s
+    # The key leaf has no update (None), as a masked optimizer gives it.
+    return jax.tree.map(lambda x, v: x if v is None else (x + v).astype(x.dtype), p, u), s
 
   def passthrough(p, s):  # an eval step that hands the state back
     return p, s

@@ -734,17 +734,6 @@ def test_partial_ema_flax_hook_round_trip_and_export(wrapper):
   assert_bitwise(exported["params"]["y"], raw["y"])
 
 
-def test_a_traced_decay_points_to_schedules():
-  # `optax.inject_hyperparams(ema_jax.ema)(decay=...)` under jit hands `ema` a
-  # tracer: the message must say what works instead.
-  tx = optax.inject_hyperparams(ema_jax.ema)(decay=0.9)
-  params = {"w": jnp.ones(2)}
-  state = tx.init(params)
-  with pytest.raises(TypeError, match="schedule") as info:
-    jax.jit(lambda s: tx.update(params, s, params))(state)
-  assert "`decay`" in str(info.value) and "traced" in str(info.value)
-
-
 @pytest.mark.parametrize("decay", [0.9, ema_jax.constant_decay(0.9)], ids=["float", "schedule"])
 def test_built_inside_a_trace(decay):
   # Templates for checkpoints are built under `jax.eval_shape`, and steps may

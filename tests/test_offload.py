@@ -75,9 +75,11 @@ def assert_placed(ema_tree, params, memory_kind):
       jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ema_tree)
   ):
     where = jax.tree_util.keystr(path)
-    assert e.sharding.memory_kind == memory_kind, where
+    # The averages are placed; carried leaves stay where the params are.
+    kind = memory_kind if ema_jax._leaves.is_float(e) else p.sharding.memory_kind
+    assert e.sharding.memory_kind == kind, where
     assert e.sharding.is_equivalent_to(
-        p.sharding.with_memory_kind(memory_kind), p.ndim
+        p.sharding.with_memory_kind(kind), p.ndim
     ), (where, e.sharding, p.sharding)
 
 
@@ -217,9 +219,9 @@ def test_compiled_step_keeps_ema_in_host_memory_without_collectives():
   ema = ema_jax.ema_params(opt_state)
   # The EMA is float32 for the bfloat16 leaf, like the others.
   assert per_device_nbytes(ema) > per_device_nbytes(params)
-  # Every EMA leaf comes out in host memory. The int leaf's old value is never
-  # read (the EMA carries the latest one), so jit drops it from the inputs.
-  assert out_host == per_device_nbytes(ema)
+  # Every average comes out in host memory; the carried int leaf stays in
+  # device memory, where its param is.
+  assert out_host == per_device_nbytes(ema, floats_only=True)
   assert arg_host == per_device_nbytes(ema, floats_only=True)
 
 
@@ -275,10 +277,17 @@ def test_swap_and_ema_params_bring_the_ema_to_device(axis_type):
     assert_bitwise_equal(back, params)
     assert_bitwise_equal(ema_jax.ema_params(unswapped), ema_host)
 
-  # Without memory_kind, swap is the plain exchange: the EMA comes out in
-  # host memory, as it is.
-  ema_weights, _ = ema_jax.swap(params, opt_state)
-  assert_placed(ema_weights, params, HOST)
+  # Without memory_kind, each leaf goes where the one it replaces was: the
+  # EMA to the device, the training params to host memory, and back.
+  ema_weights, swapped = ema_jax.swap(params, opt_state)
+  assert_placed(ema_weights, params, "device")
+  assert_placed(swapped[1].raw_params, params, HOST)
+  back, unswapped = ema_jax.swap(ema_weights, swapped)
+  assert_placed(back, params, "device")
+  assert_bitwise_equal((back, unswapped), (params, opt_state))
+  # Asked for, the EMA comes out in host memory, as it is.
+  ema_weights, _ = ema_jax.swap(params, opt_state, memory_kind=HOST)
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(ema_weights)} == {HOST}
 
 
 @pytest.mark.standard_promotion  # optax/keras are not strict-clean

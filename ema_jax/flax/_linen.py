@@ -154,7 +154,8 @@ class TrainState(train_state.TrainState):
       The updated state.
 
     Raises:
-      RuntimeError: when the EMA is swapped in (see `SwapEMAWeights`).
+      ValueError: when the EMA is swapped in (see `SwapEMAWeights`), at
+        trace time: nothing is updated.
 
     Examples:
       >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax

@@ -124,7 +124,8 @@ class Optimizer(nnx.Optimizer):
       The updates applied to the params.
 
     Raises:
-      RuntimeError: while the EMA is swapped in.
+      ValueError: while the EMA is swapped in, at trace time (under
+        `nnx.jit` and `nnx.cached_partial` too): nothing is updated.
 
     Examples:
       >>> import jax.numpy as jnp, optax, ema_jax, ema_jax.flax

@@ -178,6 +178,12 @@ def plan(
   swapped = [
       a for a in found if any(s.startswith(a.prefix + ".raw_params.") for s in saved)
   ]
+  saved = {
+      # A swapped state's count is saved with the swapped shape; it is read
+      # into the unswapped count (`read` reshapes it).
+      name: (() if _is_swapped_count(name, spec, swapped) else spec[0], spec[1])
+      for name, spec in saved.items()
+  }
   source: dict[str, str] = {}
   shown_ema = []  # a swapped checkpoint's params hold the EMA: read, not used
   for name in template:
@@ -210,6 +216,12 @@ def plan(
         )
       return {n: rest.get(n) for n in template}
   raise ValueError(_message(diff, saved, template, found, where))
+
+
+def _is_swapped_count(name: str, spec: Any, swapped: list[Average]) -> bool:
+  return tuple(spec[0]) == _state.SWAPPED_COUNT_SHAPE and any(
+      a.owns(name) and a.field(name) == "count" for a in swapped
+  )
 
 
 # EMA state fields that exist with a setting only: (setting, on, off).
@@ -337,14 +349,20 @@ def read(
       return wanted[name]
     return name if name in template else name.replace(".index", ".count")
 
-  def target(path: Any, _: Any) -> Any:
+  def target(path: Any, meta: Any) -> Any:
     leaf = template[like(".".join(map(key_name, path)))]
     if getattr(leaf, "dtype", None) is None:
       return leaf  # a Python scalar comes back as one
+    # A swapped state's count (shape (1,)) is read as saved, reshaped below.
+    shape = tuple(getattr(meta, "shape", leaf.shape))
     return jax.ShapeDtypeStruct(
-        leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None)
+        shape if shape == _state.SWAPPED_COUNT_SHAPE else leaf.shape,
+        leaf.dtype, sharding=getattr(leaf, "sharding", None),
     )
 
   item = jax.tree_util.tree_map_with_path(target, metadata_tree)
   restored = manager.restore(step, args=ocp.args.StandardRestore(item))
-  return {wanted[n]: v for n, v in named_leaves(restored).items() if n in wanted}
+  return {
+      wanted[n]: v.reshape(template[wanted[n]].shape) if hasattr(v, "reshape") else v
+      for n, v in named_leaves(restored).items() if n in wanted
+  }
