@@ -764,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated: ema,step,tree,first (default all)")
   parser.add_argument("--first-counts", type=lambda s: [int(float(x)) for x in s.split(",")],
                       help="leaf counts of the first-step section, e.g. 10,1000")
+  parser.add_argument("--first-groups", default="step,entry",
+                      help="groups of the first-step section: step,entry (default both)")
   parser.add_argument("--first-rounds", type=int,
                       help="fresh-process rounds of the first-step section (default 5; "
                            "3 above 1000 leaves)")
@@ -860,8 +862,9 @@ def main(argv: list[str] | None = None) -> int:
   if "first" in sections:
     for leaves in args.first_counts or (SMOKE_FIRST_COUNTS if args.smoke else FIRST_COUNTS):
       rounds_ = args.first_rounds or (1 if args.smoke else 5 if leaves <= 1000 else 3)
-      for cases in (first_step.STEP_CASES, first_step.ENTRY_CASES):
-        report["first"].append(first_step_group(cases, leaves, rounds_))
+      groups = {"step": first_step.STEP_CASES, "entry": first_step.ENTRY_CASES}
+      for group in args.first_groups.split(","):
+        report["first"].append(first_step_group(groups[group], leaves, rounds_))
     print_first_table([g for g in report["first"] if first_step.STEP_BASE in g["cases"]])
     print_first_table([g for g in report["first"] if first_step.ENTRY_BASE in g["cases"]])
 
