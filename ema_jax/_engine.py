@@ -182,14 +182,15 @@ def clip_weight(weight: Any) -> Any:
 def average_leaf(
     e: jax.Array,
     p: jax.Array,
-    weight: jax.Array,
-    keep: jax.Array | None = None,
+    weight: Any,
+    keep: Any = None,
     key: jax.Array | None = None,
 ) -> jax.Array:
   """One EMA step of leaf `e` towards `p`: `e + weight * (p - e)`.
 
   The one per-leaf update. `e` may hold `n` averages on a leading axis, with
-  `weight` of shape `(n, 1, ...)`. The arithmetic is in float32 or wider;
+  `weight` of shape `(n, 1, ...)`; a NumPy `weight` (a constant decay) is
+  folded into the arithmetic. The arithmetic is in float32 or wider;
   `weight == 1` gives `p` exactly. With `keep` (the Keras preset) the form is
   Keras' `keep * e + (1 - keep) * p`. With `key` the result is rounded
   stochastically into `e`'s dtype (bfloat16).
