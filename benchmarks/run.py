@@ -765,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--first-counts", type=lambda s: [int(float(x)) for x in s.split(",")],
                       help="leaf counts of the first-step section, e.g. 10,1000")
   parser.add_argument("--first-groups", default="step,entry",
-                      help="groups of the first-step section: step,entry (default both)")
+                      help="groups of the first-step section: step,entry (default both); "
+                           "core: the step without EMA, by hand and with ema() only")
   parser.add_argument("--first-rounds", type=int,
                       help="fresh-process rounds of the first-step section (default 5; "
                            "3 above 1000 leaves)")
@@ -862,7 +863,8 @@ def main(argv: list[str] | None = None) -> int:
   if "first" in sections:
     for leaves in args.first_counts or (SMOKE_FIRST_COUNTS if args.smoke else FIRST_COUNTS):
       rounds_ = args.first_rounds or (1 if args.smoke else 5 if leaves <= 1000 else 3)
-      groups = {"step": first_step.STEP_CASES, "entry": first_step.ENTRY_CASES}
+      groups = {"step": first_step.STEP_CASES, "entry": first_step.ENTRY_CASES,
+                "core": first_step.STEP_CASES[:3]}
       for group in args.first_groups.split(","):
         report["first"].append(first_step_group(groups[group], leaves, rounds_))
     print_first_table([g for g in report["first"] if first_step.STEP_BASE in g["cases"]])
