@@ -141,10 +141,21 @@ def apply_updates(ps: Sequence[Any], us: Sequence[Any]) -> list[jax.Array]:
       i for i, u in enumerate(us)
       if u is not None and getattr(u, "dtype", None) != jax.dtypes.float0
   ]
-  sums = [jnp.asarray(ps[i] + us[i]).astype(_leaves.leaf_dtype(ps[i])) for i in summed]
+  sums = [_add(ps[i], us[i]) for i in summed]
   for i, x in zip(summed, _materialize(sums)):
     new[i] = x
   return new
+
+
+def _add(p: Any, u: Any) -> jax.Array:
+  """`p + u` in the params' dtype. The primitive itself when nothing is to be
+  promoted or broadcast: a `jnp` operator is a jitted call, several times the
+  cost to trace, once per leaf (benchmarks/run.py's `first` section)."""
+  if (isinstance(p, jax.Array) and isinstance(u, jax.Array)
+      and p.dtype == u.dtype and p.shape == u.shape
+      and jnp.issubdtype(p.dtype, jnp.inexact)):
+    return jax.lax.add(p, u)
+  return jnp.asarray(p + u).astype(_leaves.leaf_dtype(p))
 
 
 def apply_update(p: Any, u: Any) -> jax.Array:
@@ -196,16 +207,28 @@ def average_leaf(
   stochastically into `e`'s dtype (bfloat16).
   """
   compute = _leaves.compute_dtype(e.dtype)
-  ef, pf = e.astype(compute), p.astype(compute)
+  ef, pf = _as(e, compute), _as(p, compute)
   if keep is None:
     w = weight.astype(compute)
-    mixed = _copy_where(w == 1, pf, lambda: ef + w * (pf - ef))
+    mixed = _copy_where(w == 1, pf, lambda: _lerp(ef, pf, w))
   else:
     k = keep.astype(compute)
     mixed = _copy_where(k == 0, pf, lambda: k * ef + (1 - k) * pf)
   if key is None:
-    return mixed.astype(e.dtype)
+    return _as(mixed, e.dtype)
   return _rounding.stochastic_round(mixed, key)
+
+
+def _as(x: jax.Array, dtype: Any) -> jax.Array:
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _lerp(e: jax.Array, p: jax.Array, w: Any) -> jax.Array:
+  """`e + w * (p - e)`; with primitives where the shapes match and `w` is a
+  scalar (see `_add`), as `jnp` computes it."""
+  if e.shape == p.shape and jnp.ndim(w) == 0:
+    return jax.lax.add(e, jax.lax.mul(w, jax.lax.sub(p, e)))
+  return e + w * (p - e)
 
 
 def _copy_where(copies: Any, p: jax.Array, mix: Callable[[], jax.Array]) -> jax.Array:
