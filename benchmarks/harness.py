@@ -16,6 +16,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -180,6 +182,42 @@ def run_group(
   gc.collect()
 
 
+def fresh_rounds(
+    script: str,
+    names: list[str],
+    args: list[str],
+    rounds: int,
+    timeout: float = 1800,
+) -> dict[str, list[dict[str, Any]]]:
+  """Each case once per round, each sample in a new process, in a new random
+  order every round: `python script NAME *args` prints its sample as a JSON
+  object on its last line. Returns every case's samples, round by round.
+
+  For what a process does once (tracing, compiling): in one process, every
+  sample after the first would hit the caches the first one filled."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  samples: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+  rng = random.Random(0)
+  for _ in range(rounds):
+    for name in rng.sample(names, len(names)):
+      result = subprocess.run(
+          [sys.executable, script, name, *args], env=env,
+          capture_output=True, text=True, timeout=timeout,
+      )
+      if result.returncode != 0:
+        raise RuntimeError(f"{script} {name} {' '.join(args)} failed:\n"
+                           f"{result.stderr[-3000:]}")
+      samples[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+  return samples
+
+
+def quartiles(values: list[float]) -> dict[str, float]:
+  """Median and quartiles ("inclusive": within the samples)."""
+  q = (statistics.quantiles(values, n=4, method="inclusive")
+       if len(values) > 1 else [values[0]] * 3)
+  return {"median": statistics.median(values), "p25": q[0], "p75": q[2]}
+
+
 def paired_ratios(cases: list[Case], base_name: str) -> dict[str, dict[str, float]]:
   """Each case's time over the baseline's in the same round: median, quartiles.
 
@@ -189,9 +227,7 @@ def paired_ratios(cases: list[Case], base_name: str) -> dict[str, dict[str, floa
   out = {}
   for c in cases:
     if c.samples and len(c.samples) == len(base.samples):
-      r = [a / b for a, b in zip(c.samples, base.samples)]
-      q = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else [r[0]] * 3
-      out[c.name] = {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
+      out[c.name] = quartiles([a / b for a, b in zip(c.samples, base.samples)])
   return out
 
 

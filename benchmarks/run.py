@@ -16,6 +16,11 @@ Sections:
   tree     the standalone update on a real tree (the transformer LM of
            benchmarks/models.py: 70 leaves, median 128 elements) beside
            `optax.incremental_update`, with the ratio paired within rounds.
+  first    time to the first step (trace + lower, and compile) for 10 to
+           10,000 leaves, each sample a fresh process (benchmarks/first_step.py):
+           the EMA's overhead over a step without it beside `incremental_update`
+           by hand's and `nnx.EMA`'s, and the jitted entry points beside a
+           jitted identity over the same trees. Ratios paired within rounds.
 
 The table goes to stdout; the JSON (every sample, machine, versions, XLA's
 bytes and temporaries per step) to benchmarks/results/ (git-ignored) or
@@ -88,7 +93,10 @@ import optax  # noqa: E402
 
 import ema_jax  # noqa: E402
 from ema_jax import _engine  # noqa: E402
-from harness import Case, finish, paired_ratios, run_group, start, summary, threaded  # noqa: E402
+import first_step  # noqa: E402
+from harness import (  # noqa: E402
+    Case, finish, fresh_rounds, paired_ratios, quartiles, run_group, start, summary, threaded,
+)
 from harness import fmt_time as _fmt_time  # noqa: E402
 
 DECAY = 0.999
@@ -576,6 +584,75 @@ def _xla_bytes_and_temps(
 
 
 # --------------------------------------------------------------------------
+# Section 3: time to the first step
+
+FIRST_COUNTS = (10, 100, 1000, 10_000)
+SMOKE_FIRST_COUNTS = (3,)
+
+
+def first_step_group(cases: tuple[str, ...], leaves: int, rounds: int) -> dict[str, Any]:
+  """Fresh-process samples of `cases` at `leaves`, with each case's overhead
+  over its baseline and its ratio to its floor, paired within rounds."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "first_step.py")
+  samples = fresh_rounds(script, list(cases), [str(leaves)], rounds)
+  total = {k: [s["trace_lower_s"] + s["compile_s"] for s in v] for k, v in samples.items()}
+  res: dict[str, Any] = {"leaves": leaves, "rounds": rounds,
+                         "load_average": list(os.getloadavg()), "cases": {}}
+  for name, ss in samples.items():
+    c: dict[str, Any] = {"samples": ss, "ops": ss[0]["ops"]}
+    for key in ("trace_lower_s", "compile_s"):
+      c[key] = quartiles([s[key] for s in ss])
+    c["total_s"] = quartiles(total[name])
+    base = (first_step.FLOORS.get(name) if name not in first_step.STEP_CASES else
+            first_step.NNX_BASE if name.startswith("nnx") else first_step.STEP_BASE)
+    if base and base != name:
+      c["base"] = base
+      c["ratio"] = quartiles([a / b for a, b in zip(total[name], total[base])])
+      c["overhead_s"] = quartiles([a - b for a, b in zip(total[name], total[base])])
+    res["cases"][name] = c
+  if first_step.BY_HAND in samples:
+    hand = res["cases"][first_step.BY_HAND]["overhead_s"]
+    for name, c in res["cases"].items():
+      if "overhead_s" in c and not name.startswith("nnx"):
+        per_round = [a - b for a, b in zip(total[name], total[first_step.STEP_BASE])]
+        by_hand = [a - b for a, b in zip(total[first_step.BY_HAND], total[first_step.STEP_BASE])]
+        # Overheads of a few ms at 10 leaves are noise: the ratio of medians.
+        c["overhead_vs_by_hand"] = c["overhead_s"]["median"] / hand["median"]
+        c["overhead_vs_by_hand_paired"] = quartiles(
+            [a / b for a, b in zip(per_round, by_hand) if b > 0] or [float("nan")])
+  return res
+
+
+def print_first_table(groups: list[dict[str, Any]]) -> None:
+  if not groups:
+    return
+  counts = sorted({g["leaves"] for g in groups})
+  print("\n### Time to the first step: trace+lower / compile, median over fresh "
+        "processes; (x): total / its baseline's or floor's, paired within rounds")
+  names = list(dict.fromkeys(n for g in groups for n in g["cases"]))
+  width = max(len(n) for n in names) + 2
+  print("".ljust(width) + "".join(f"{f'{n} leaves':>34}" for n in counts))
+  for name in names:
+    cells = []
+    for n in counts:
+      c = next((g["cases"][name] for g in groups if g["leaves"] == n and name in g["cases"]),
+               None)
+      if c is None:
+        cells.append(f"{'not run':>34}")
+        continue
+      cell = f"{_fmt_time(c['trace_lower_s']['median'])} / {_fmt_time(c['compile_s']['median'])}"
+      if "ratio" in c:
+        cell += f" ({c['ratio']['median']:.2f}x)"
+      if "overhead_vs_by_hand" in c:
+        cell += f" [{c['overhead_vs_by_hand']:.2f}]"
+      cells.append(f"{cell:>34}")
+    print(name.ljust(width) + "".join(cells))
+  if first_step.BY_HAND in names:
+    print("[r]: the case's overhead over the step without EMA, as a multiple of the "
+          "by-hand incremental_update's overhead (ratio of medians)")
+
+
+# --------------------------------------------------------------------------
 # Output
 
 
@@ -731,8 +808,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rounds", type=int, help="interleaved rounds per group")
   parser.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
                       help="comma-separated element counts, e.g. 1e5,1e6")
-  parser.add_argument("--sections", default="ema,step,tree",
-                      help="comma-separated: ema,step,tree (default all)")
+  parser.add_argument("--sections", default="ema,step,tree,first",
+                      help="comma-separated: ema,step,tree,first (default all)")
+  parser.add_argument("--first-counts", type=lambda s: [int(float(x)) for x in s.split(",")],
+                      help="leaf counts of the first-step section, e.g. 10,1000")
+  parser.add_argument("--first-groups", default="step,entry",
+                      help="groups of the first-step section: step,entry (default both); "
+                           "core: the step without EMA, by hand and with ema() only")
+  parser.add_argument("--first-rounds", type=int,
+                      help="fresh-process rounds of the first-step section (default 5; "
+                           "3 above 1000 leaves)")
   parser.add_argument("--peak-gbs", type=float, help="the device's memory bandwidth, GB/s")
   args = parser.parse_args(argv)
 
@@ -748,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
       "ema_jax benchmark", args.smoke,
       {"decay": DECAY, "rounds": rounds, "min_sample_s": min_sample_s,
        "sizes": sizes, "many_leaves": many},
-      ema=[], step=[], tree=[],
+      ema=[], step=[], tree=[], first=[],
   )
 
   if "ema" in sections:
@@ -822,6 +907,16 @@ def main(argv: list[str] | None = None) -> int:
     print_tree_table(res)
     del params, cases
     gc.collect()
+
+  if "first" in sections:
+    for leaves in args.first_counts or (SMOKE_FIRST_COUNTS if args.smoke else FIRST_COUNTS):
+      rounds_ = args.first_rounds or (1 if args.smoke else 5 if leaves <= 1000 else 3)
+      groups = {"step": first_step.STEP_CASES, "entry": first_step.ENTRY_CASES,
+                "core": first_step.STEP_CASES[:3]}
+      for group in args.first_groups.split(","):
+        report["first"].append(first_step_group(groups[group], leaves, rounds_))
+    print_first_table([g for g in report["first"] if first_step.STEP_BASE in g["cases"]])
+    print_first_table([g for g in report["first"] if first_step.ENTRY_BASE in g["cases"]])
 
   # Tiny sizes say nothing about the targets: smoke mode only checks that it runs.
   lines = [] if args.smoke else targets(report["ema"], report["step"], report["tree"], big)

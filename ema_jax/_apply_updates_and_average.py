@@ -6,6 +6,7 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ema_jax import _checks
@@ -15,7 +16,7 @@ from ema_jax import _state
 from ema_jax._leaves import Kind
 
 
-def _weight(decay: Union[float, jax.Array]) -> jax.Array:
+def _weight(decay: Union[float, jax.Array]) -> Any:
   """`1 - decay`: from a Python float in float64, as `ema()` computes it."""
   if isinstance(decay, jax.Array):
     if jnp.shape(decay) != ():
@@ -31,7 +32,8 @@ def _weight(decay: Union[float, jax.Array]) -> jax.Array:
       _checks.unit_float("decay", decay)
     return 1 - decay
   weight = 1.0 - _checks.unit_float("decay", decay)
-  return jnp.asarray(weight, jnp.result_type(float))
+  # Concrete: each leaf's update folds it (see `_engine.clip_weight`).
+  return np.asarray(weight, jnp.result_type(float))
 
 
 def apply_updates_and_average(
@@ -119,11 +121,9 @@ def apply_updates_and_average(
       else _leaves.flatten_like(treedef, updates, "updates")
   )
   e_leaves = _leaves.flatten_like(treedef, ema, "average `ema`")
-  new_params: list[jax.Array] = []
+  new_params = _engine.apply_updates([p for _, p in flat], u_leaves)
   new_ema: list[Any] = []
-  for (path, p), u, e in zip(flat, u_leaves, e_leaves):
-    new_p = _engine.apply_update(p, u)
-    new_params.append(new_p)
+  for (path, p), new_p, e in zip(flat, new_params, e_leaves):
     kind = _leaves.leaf_kind(path, p, covered=e is not None)
     _leaves.check_stored(path, p, e, kind, "average `ema`")
     if kind is Kind.AVERAGE:

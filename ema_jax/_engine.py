@@ -134,14 +134,36 @@ def copy(x: Any, dtype: Any = None) -> jax.Array:
   return jnp.array(x, dtype=dtype, copy=True)
 
 
+def apply_updates(ps: Sequence[Any], us: Sequence[Any]) -> list[jax.Array]:
+  """`optax.apply_updates` over aligned leaves, tolerating None/float0 updates."""
+  new = [jnp.asarray(p) for p in ps]
+  summed = [
+      i for i, u in enumerate(us)
+      if u is not None and getattr(u, "dtype", None) != jax.dtypes.float0
+  ]
+  sums = [_add(ps[i], us[i]) for i in summed]
+  for i, x in zip(summed, _materialize(sums)):
+    new[i] = x
+  return new
+
+
+def _add(p: Any, u: Any) -> jax.Array:
+  """`p + u` in the params' dtype. The primitive itself when nothing is to be
+  promoted or broadcast: a `jnp` operator is a jitted call, several times the
+  cost to trace, once per leaf (benchmarks/run.py's `first` section)."""
+  if (isinstance(p, jax.Array) and isinstance(u, jax.Array)
+      and p.dtype == u.dtype and p.shape == u.shape
+      and jnp.issubdtype(p.dtype, jnp.inexact)):
+    return jax.lax.add(p, u)
+  return jnp.asarray(p + u).astype(_leaves.leaf_dtype(p))
+
+
 def apply_update(p: Any, u: Any) -> jax.Array:
-  """`optax.apply_updates` for one leaf, tolerating None/float0 updates."""
-  if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
-    return jnp.asarray(p)
-  return _materialize(jnp.asarray(p + u).astype(_leaves.leaf_dtype(p)))
+  """`apply_updates` of one leaf."""
+  return apply_updates([p], [u])[0]
 
 
-def _materialize(new_p: jax.Array) -> jax.Array:
+def _materialize(new_ps: list[jax.Array]) -> list[jax.Array]:
   """Make the EMA read the new params from memory instead of recomputing them.
 
   In a jitted step with donated params, XLA:CPU otherwise folds `p + u` into the
@@ -149,46 +171,79 @@ def _materialize(new_p: jax.Array) -> jax.Array:
   must then copy `p` and materialise `u` first: two params-sized temporaries
   and ~1.6x the bytes (benchmarks/run.py, tests/test_performance.py). Other
   backends fuse the two outputs themselves and keep the plain expression.
+  One barrier for all leaves: one per leaf lowered to two conditionals per
+  leaf, whose tracing, lowering and compiling were most of the EMA's cost in
+  time to the first step (benchmarks/run.py's `first` section).
   """
-  if not isinstance(new_p, jax.core.Tracer):
-    return new_p
+  if not any(isinstance(x, jax.core.Tracer) for x in new_ps):
+    return new_ps
   return jax.lax.platform_dependent(
-      new_p, cpu=jax.lax.optimization_barrier, default=lambda x: x
+      new_ps, cpu=jax.lax.optimization_barrier, default=lambda x: x
   )
 
 
-def clip_weight(weight: jax.Array) -> jax.Array:
+def clip_weight(weight: Any) -> Any:
   """A weight in [0, 1]: a decay out of range (or NaN) cannot push the average
-  outside the range of the params. Above 1 copies; below 0 or NaN keeps."""
-  return jnp.where(weight > 0, jnp.minimum(weight, 1), jnp.zeros_like(weight))
+  outside the range of the params. Above 1 copies; below 0 or NaN keeps.
+  A concrete (NumPy) weight stays concrete, so each leaf's update folds it."""
+  xp = np if isinstance(weight, (np.ndarray, np.generic)) else jnp
+  return xp.where(weight > 0, xp.minimum(weight, 1), xp.zeros_like(weight))
 
 
 def average_leaf(
     e: jax.Array,
     p: jax.Array,
-    weight: jax.Array,
-    keep: jax.Array | None = None,
+    weight: Any,
+    keep: Any = None,
     key: jax.Array | None = None,
 ) -> jax.Array:
   """One EMA step of leaf `e` towards `p`: `e + weight * (p - e)`.
 
   The one per-leaf update. `e` may hold `n` averages on a leading axis, with
-  `weight` of shape `(n, 1, ...)`. The arithmetic is in float32 or wider;
+  `weight` of shape `(n, 1, ...)`; a NumPy `weight` (a constant decay) is
+  folded into the arithmetic. The arithmetic is in float32 or wider;
   `weight == 1` gives `p` exactly. With `keep` (the Keras preset) the form is
   Keras' `keep * e + (1 - keep) * p`. With `key` the result is rounded
   stochastically into `e`'s dtype (bfloat16).
   """
   compute = _leaves.compute_dtype(e.dtype)
-  ef, pf = e.astype(compute), p.astype(compute)
+  ef, pf = _as(e, compute), _as(p, compute)
   if keep is None:
     w = weight.astype(compute)
-    mixed = jnp.where(w == 1, pf, ef + w * (pf - ef))
+    mixed = _copy_where(w == 1, pf, lambda: _lerp(ef, pf, w))
   else:
     k = keep.astype(compute)
-    mixed = jnp.where(k == 0, pf, k * ef + (1 - k) * pf)
+    mixed = _copy_where(k == 0, pf, lambda: k * ef + (1 - k) * pf)
   if key is None:
-    return mixed.astype(e.dtype)
+    return _as(mixed, e.dtype)
   return _rounding.stochastic_round(mixed, key)
+
+
+def _as(x: jax.Array, dtype: Any) -> jax.Array:
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _lerp(e: jax.Array, p: jax.Array, w: Any) -> jax.Array:
+  """`e + w * (p - e)`; with primitives where the shapes match and `w` is a
+  scalar (see `_add`), as `jnp` computes it."""
+  if e.shape == p.shape and jnp.ndim(w) == 0:
+    return jax.lax.add(e, jax.lax.mul(w, jax.lax.sub(p, e)))
+  return e + w * (p - e)
+
+
+def _copy_where(copies: Any, p: jax.Array, mix: Callable[[], jax.Array]) -> jax.Array:
+  """`p` where `copies`, else `mix()`: decided in Python for a concrete weight
+  (a constant decay), else one select (a scalar `copies` needs no `jnp.where`,
+  which is a call per leaf to trace, lower and inline)."""
+  if isinstance(copies, (np.ndarray, np.generic)):
+    if copies.all():
+      return copy(jnp.broadcast_to(p, jnp.broadcast_shapes(copies.shape, p.shape)))
+    if not copies.any():
+      return mix()
+  mixed = mix()
+  if jnp.ndim(copies) == 0 and p.shape == mixed.shape:
+    return jax.lax.select(copies, p, mixed)
+  return jnp.where(copies, p, mixed)
 
 
 def overwrite_dtype(p: Any, u: Any) -> np.dtype:
@@ -346,7 +401,11 @@ def transformation(
       )
 
     step = rule(state.count)
-    weight = clip_weight(jnp.reshape(step.weight, weight_shape))
+    weight = clip_weight(
+        np.reshape(step.weight, weight_shape)
+        if isinstance(step.weight, (np.ndarray, np.generic))
+        else jnp.reshape(step.weight, weight_shape)
+    )
     debias_norm = state.debias_norm
     if debias_norm is not None:
       # The debiased average is itself an EMA, with weight w / n, where
@@ -366,12 +425,12 @@ def transformation(
     traced = isinstance(step.active, jax.core.Tracer)
     on_device = "device" if memory_kind else None
 
-    def by_leaf(x: jax.Array, p: Any) -> jax.Array:
+    def by_leaf(x: Any, p: Any) -> Any:
       # `n` weights broadcast against the leaf's trailing axes.
-      return jnp.reshape(x, (n,) + (1,) * jnp.ndim(p)) if stacked else x
+      return x.reshape((n,) + (1,) * jnp.ndim(p)) if stacked else x
 
     def new_params() -> list[jax.Array]:
-      return [apply_update(p_leaves[i], u_leaves[i]) for i in averaged]
+      return apply_updates([p_leaves[i] for i in averaged], [u_leaves[i] for i in averaged])
 
     # Under jit the new params are computed outside the cond, where they are
     # the value the step's `optax.apply_updates` computes anyway. Computed in

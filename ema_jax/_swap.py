@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ema_jax import _checks
@@ -341,10 +342,11 @@ def blend(
   _checks.not_swapped(found, "`blend`")
   i = _index(found, index)
   traced = _checks.is_traced(alpha)
-  # A traced alpha is clipped at run time as a decay's weight is.
-  weight = jnp.asarray(alpha)
+  # A traced alpha is clipped at run time as a decay's weight is; a Python
+  # one stays concrete, so each leaf's update folds it.
+  weight: Any = np.asarray(alpha)
   if traced:
-    weight = _engine.clip_weight(weight)
+    weight = _engine.clip_weight(jnp.asarray(alpha))
   out = []
   for _, p, e, kind in leaves:
     if kind is Kind.AVERAGE and (traced or alpha > 0):

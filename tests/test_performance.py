@@ -12,6 +12,7 @@ No test asserts a time: the figures live in docs/benchmarks.md.
 from __future__ import annotations
 
 import statistics
+import sys
 from typing import Any
 
 import jax
@@ -21,8 +22,11 @@ import optax
 import pytest
 
 import ema_jax
-from _util import run_smoke
+from _util import ROOT, run_smoke
 from ema_jax import _engine
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import first_step  # noqa: E402  (benchmarks/first_step.py: the first-step cases)
 
 N = 2**20  # ~1e6 elements, as the issue asks
 OPTIMIZERS = {"sgd": lambda: optax.sgd(1e-3), "adam": lambda: optax.adam(1e-3)}
@@ -269,7 +273,7 @@ def test_fused_errors_name_the_problem():
 
 
 def test_benchmark_smoke_mode_runs(tmp_path):
-  report, _ = run_smoke("run.py", tmp_path / "bench.json", timeout=180)
+  report, _ = run_smoke("run.py", tmp_path / "bench.json", timeout=300)
   machine = report["machine"]
   assert machine["cpu_count"] >= 1 and machine["cpu_model"]
   assert report["versions"]["jax"] == jax.__version__
@@ -297,6 +301,22 @@ def test_benchmark_smoke_mode_runs(tmp_path):
   samples = {c["name"]: c["samples_s"] for c in tree["cases"] if "samples_s" in c}
   per_round = [a / b for a, b in zip(samples[ours], samples[base])]
   assert ratio == pytest.approx(statistics.median(per_round))  # paired, per round
+  # Time to the first step: one fresh process per case and round.
+  step, entry = report["first"]
+  assert set(step["cases"]) == set(first_step.STEP_CASES)
+  assert set(entry["cases"]) == set(first_step.ENTRY_CASES)
+  for group in (step, entry):
+    for name, c in group["cases"].items():
+      assert len(c["samples"]) == group["rounds"] == 1
+      assert c["trace_lower_s"]["median"] > 0 and c["compile_s"]["median"] > 0
+      totals = [s["trace_lower_s"] + s["compile_s"] for s in c["samples"]]
+      if "base" in c:
+        base_totals = [s["trace_lower_s"] + s["compile_s"]
+                       for s in group["cases"][c["base"]]["samples"]]
+        assert c["ratio"]["median"] == pytest.approx(totals[0] / base_totals[0])
+  ours = step["cases"]["ema()"]
+  assert ours["base"] == first_step.STEP_BASE and "overhead_vs_by_hand" in ours
+  assert entry["cases"]["swap"]["base"] == first_step.ENTRY_BASE
 
 
 def test_fused_update_refuses_a_concrete_decay_outside_unit_interval():
@@ -345,3 +365,74 @@ def test_constant_decay_compiles_to_incremental_update_plus_a_count(dtype):
   assert " select(" not in hlo.replace("s32[] select(", "")  # but the count's
   assert hlo.count(" fusion(") == theirs.as_text().count(" fusion(") <= len(_TREE) + 1
   assert _cost(ours)["bytes accessed"] == _cost(theirs)["bytes accessed"]
+
+
+
+# Time to the first step: tracing, lowering and compiling grow with the
+# lowered program, so its size per leaf is the clock-free part of
+# benchmarks/run.py's `first` section (whose cases these are). Per leaf, the
+# EMA may add what `optax.incremental_update` written by hand adds to an Adam
+# step (a count and a float32 average), plus `per_leaf` more ops where the
+# weight is traced or stacked (the select that makes weight 1 an exact copy),
+# and SLACK ops in all whatever the number of leaves (the count, the
+# schedule, one barrier). A barrier per leaf lowered to two conditionals per
+# leaf and made the EMA's compile overhead ~2x the by-hand one at 1000 leaves.
+SLACK = 160
+_FEW, _MANY = 8, 40
+
+
+def _added_ops(case: str, leaves: int, dtype: Any) -> tuple[int, str]:
+  """What `case` adds to the lowered Adam step without an EMA, in ops."""
+  text = first_step.lower(case, leaves, dtype).as_text()
+  plain = first_step.lower(first_step.STEP_BASE, leaves, dtype).as_text()
+  return first_step.count_ops(text) - first_step.count_ops(plain), text
+
+
+@pytest.mark.standard_promotion  # optax is not strict-clean
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "case, per_leaf",
+    [("ema()", 0), ("ema(warmup_decay, debias, update_every=2)", 1),
+     ("multi_ema((0.999, 0.9999))", 1)],
+    ids=["constant", "schedule_debias_every2", "multi"],
+)
+def test_lowered_update_grows_per_leaf_like_incremental_update(dtype, case, per_leaf):
+  added = {}
+  for leaves in (_FEW, _MANY):
+    ours, text = _added_ops(case, leaves, dtype)
+    hand, _ = _added_ops(first_step.BY_HAND, leaves, dtype)
+    added[leaves] = (ours, hand)
+    assert ours <= hand + per_leaf * leaves + SLACK, (leaves, ours, hand)
+    # One barrier for all leaves (two conditionals); with update_every, the
+    # cond that skips the average and the one that skips the schedule.
+    assert text.count("stablehlo.case") <= 4
+  growth = added[_MANY][0] - added[_FEW][0]
+  hand_growth = added[_MANY][1] - added[_FEW][1]
+  assert growth <= hand_growth + per_leaf * (_MANY - _FEW), added
+
+
+def test_update_every_evaluates_the_schedule_on_averaging_updates_only():
+  # With update_every=k an averaging update uses the schedule's product over
+  # its k steps. The updates in between must not compute it: at k = 1e8 it
+  # took seconds an update. A callback in the schedule records the steps it is
+  # evaluated at.
+  evaluated: list[int] = []
+  armed = []  # not while `ema` checks the schedule (3000 probes, one call each)
+
+  def decay(count):
+    if armed:
+      jax.debug.callback(lambda c: evaluated.append(int(c)), count)
+    return jnp.full(jnp.shape(count), 0.9, jnp.float32)
+
+  tx = ema_jax.ema(decay, update_every=4)
+  params = {"w": jnp.ones(3)}
+  state = tx.init(params)
+  update = jax.jit(lambda s, p: tx.update(p, s, p)[1])
+  armed.append(True)
+  for n in range(1, 13):
+    evaluated.clear()
+    state = jax.block_until_ready(update(state, params))
+    if n % 4 == 0:  # averages, over steps n - 4 .. n - 1
+      assert sorted(evaluated) == list(range(n - 4, n)), n
+    else:  # at most the one step's decay, never the product
+      assert len(evaluated) <= 1, (n, evaluated)

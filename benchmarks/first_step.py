@@ -1,0 +1,188 @@
+"""Time to the first step: tracing, lowering and compiling, in a fresh process.
+
+`benchmarks/run.py --sections first` runs this file once per sample, as a
+new process (a jitted function's caches would otherwise make every sample
+after the first free), in interleaved rounds (`harness.fresh_rounds`). One
+sample builds a case over `leaves` float32 leaves of 64x64 (abstract: no
+array is allocated) and prints its times as one JSON line:
+
+  trace_lower_s  `jax.jit(f).trace(...)` then `.lower()`: Python and StableHLO
+  compile_s      `.compile()`: XLA
+  ops            the lowered module's StableHLO operations, a clock-free size
+
+Cases, by group:
+  step   an Adam train step (jitted, params and optimizer state donated)
+         without an EMA, with `ema()` last in the chain (and its options),
+         with `optax.incremental_update` written by hand over the same state
+         (a count and a float32 average), and Flax's `nnx.EMA` beside the same
+         NNX step without it.
+  entry  the jitted entry points `swap`, `ema_params`, `blend`, `reset` over
+         an `ema()` state, beside their floor: a jitted identity over the same
+         trees (`reset`'s floor also copies the params into the average's
+         place; `blend`'s is the same arithmetic written with `jax.tree.map`).
+
+Run alone: `python benchmarks/first_step.py CASE LEAVES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import ema_jax  # noqa: E402
+
+SHAPE = (64, 64)
+DECAY = 0.999
+
+STEP_BASE = "without EMA"
+BY_HAND = "by hand: optax.incremental_update + a count"
+NNX_BASE = "nnx: without EMA"
+ENTRY_BASE = "floor: jitted identity over (params, state)"
+RESET_BASE = "floor: jitted identity, params copied into the state"
+BLEND_BASE = "floor: alpha * ema + (1 - alpha) * params by hand"
+
+
+def params_like(leaves: int, dtype: Any = jnp.float32) -> dict[str, Any]:
+  return {f"w{i:05d}": jax.ShapeDtypeStruct(SHAPE, dtype) for i in range(leaves)}
+
+
+Built = tuple[Callable[..., Any], tuple[Any, ...], tuple[int, ...]]
+
+
+def _chain(tx: optax.GradientTransformation, params: Any) -> Built:
+  def step(params: Any, state: Any, grads: Any) -> Any:
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step, (params, jax.eval_shape(tx.init, params), params), (0, 1)
+
+
+def _by_hand(params: Any) -> Built:
+  adam = optax.adam(1e-3)
+
+  # What a user writes without a library: optax.ema's state (a float32
+  # average, as ema_jax keeps for bfloat16 params), the average updated from
+  # the step's new params.
+  def step(params: Any, state: Any, grads: Any) -> Any:
+    opt_state, ema = state
+    updates, opt_state = adam.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    new = jax.tree.map(lambda p, e: optax.incremental_update(p.astype(e.dtype), e, 1 - DECAY),
+                       params, ema.ema)
+    return params, (opt_state, optax.EmaState(optax.safe_increment(ema.count), new))
+
+  average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+  ema = optax.EmaState(jax.ShapeDtypeStruct((), jnp.int32), average)
+  return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
+
+
+def _nnx(params: Any, with_ema: bool) -> Built:
+  from flax import nnx
+
+  class Holder(nnx.Module):
+    def __init__(self, leaves: list[Any]):
+      self.ws = nnx.List([nnx.Param(jnp.zeros(x.shape, x.dtype)) for x in leaves])
+
+  def build() -> Any:
+    model = Holder(list(params.values()))
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    return (model, opt, nnx.EMA(model, decay=DECAY)) if with_ema else (model, opt)
+
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+
+  # NNX's functional form (merge, update, split): what `nnx.jit` traces.
+  def step(state: Any, grads: Any) -> Any:
+    objs = nnx.merge(graphdef, state)
+    model, opt = objs[0], objs[1]
+    opt.update(model, grads)
+    if with_ema:
+      objs[2].update(model)
+    return nnx.state(objs)
+
+  grads = nnx.state(nnx.eval_shape(lambda: Holder(list(params.values()))), nnx.Param)
+  return step, (state, grads), (0,)
+
+
+def _entry(name: str, params: Any) -> Built:
+  tx = optax.chain(optax.adam(1e-3), ema_jax.ema(DECAY))
+  state = jax.eval_shape(tx.init, params)
+  fns: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
+      ENTRY_BASE: (lambda p, s: (p, s), (params, state)),
+      RESET_BASE: (
+          lambda p, s: (s[0], ema_jax.EmaState(
+              s[1].count, jax.tree.map(jnp.copy, p), None, None)),
+          (params, state)),
+      BLEND_BASE: (
+          lambda p, s: jax.tree.map(lambda e, x: 0.5 * e + 0.5 * x, s[1].ema, p),
+          (params, state)),
+      "swap": (ema_jax.swap, (params, state)),
+      "ema_params": (lambda s: ema_jax.ema_params(s), (state,)),
+      "blend": (lambda p, s: ema_jax.blend(p, s, 0.5), (params, state)),
+      "reset": (lambda p, s: ema_jax.reset(s, p), (params, state)),
+  }
+  f, args = fns[name]
+  return f, args, ()
+
+
+def build(case: str, leaves: int, dtype: Any = jnp.float32) -> Built:
+  """`(f, args, donate_argnums)` of `case` over `leaves` leaves of `dtype`."""
+  params = params_like(leaves, dtype)
+  adam = optax.adam(1e-3)
+  if case == STEP_BASE:
+    return _chain(adam, params)
+  if case == "ema()":
+    return _chain(optax.chain(adam, ema_jax.ema(DECAY)), params)
+  if case == "ema(warmup_decay, debias, update_every=2)":
+    ema = ema_jax.ema(ema_jax.warmup_decay(DECAY), debias=True, update_every=2)
+    return _chain(optax.chain(adam, ema), params)
+  if case == "multi_ema((0.999, 0.9999))":
+    return _chain(optax.chain(adam, ema_jax.multi_ema((DECAY, 0.9999))), params)
+  if case == BY_HAND:
+    return _by_hand(params)
+  if case in (NNX_BASE, "nnx.EMA"):
+    return _nnx(params, case == "nnx.EMA")
+  return _entry(case, params)
+
+
+STEP_CASES = (STEP_BASE, BY_HAND, "ema()", "ema(warmup_decay, debias, update_every=2)",
+              "multi_ema((0.999, 0.9999))", NNX_BASE, "nnx.EMA")
+ENTRY_CASES = (ENTRY_BASE, "swap", "ema_params", BLEND_BASE, "blend", RESET_BASE, "reset")
+# case -> the case whose time it is judged against
+FLOORS = {"reset": RESET_BASE, "swap": ENTRY_BASE, "ema_params": ENTRY_BASE,
+          "blend": BLEND_BASE}
+
+
+def count_ops(text: str) -> int:
+  """StableHLO operations in a lowered module's text (`stablehlo.x`, calls)."""
+  return sum(line.count("stablehlo.") + line.count(" call @") for line in text.splitlines()
+             if "=" in line or "stablehlo.return" in line)
+
+
+def lower(case: str, leaves: int, dtype: Any = jnp.float32) -> Any:
+  f, args, donate = build(case, leaves, dtype)
+  return jax.jit(f, donate_argnums=donate).trace(*args).lower()
+
+
+def measure(case: str, leaves: int) -> dict[str, Any]:
+  t0 = time.perf_counter()
+  f, args, donate = build(case, leaves)
+  t1 = time.perf_counter()
+  lowered = jax.jit(f, donate_argnums=donate).trace(*args).lower()
+  t2 = time.perf_counter()
+  lowered.compile()
+  t3 = time.perf_counter()
+  return {"build_s": t1 - t0, "trace_lower_s": t2 - t1, "compile_s": t3 - t2,
+          "ops": count_ops(lowered.as_text())}
+
+
+if __name__ == "__main__":
+  print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
