@@ -344,9 +344,7 @@ def blend(
   traced = _checks.is_traced(alpha)
   # A traced alpha is clipped at run time as a decay's weight is; a Python
   # one stays concrete, so each leaf's update folds it.
-  weight: Any = np.asarray(alpha)
-  if traced:
-    weight = _engine.clip_weight(jnp.asarray(alpha))
+  weight: Any = _engine.clip_weight(alpha) if traced else np.asarray(alpha)
   out = []
   for _, p, e, kind in leaves:
     if kind is Kind.AVERAGE and (traced or alpha > 0):
