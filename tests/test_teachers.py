@@ -560,7 +560,11 @@ def test_reset_and_blend_keep_sharding_and_memory_kind(memory_kind, multi):
     for reset in (ema_jax.reset, jax.jit(ema_jax.reset)):
       after = reset(state, other)[1].ema
       for name in params:
-        assert after[name].sharding == before[name].sharding, name
+        # Equivalent: jax 0.5.3 writes a jitted output's spec as ('model',)
+        # where the input's was ('model', None).
+        assert after[name].sharding.memory_kind == before[name].sharding.memory_kind, name
+        assert after[name].sharding.is_equivalent_to(
+            before[name].sharding, before[name].ndim), name
     for blend in (ema_jax.blend,
                   jax.jit(ema_jax.blend, static_argnames=("alpha", "index"))):
       out = blend(params, state, 0.5, index=index)
