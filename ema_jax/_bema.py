@@ -263,7 +263,9 @@ def bema(
     on_device = "device" if memory_kind else None
 
     def new_params() -> list[jax.Array]:
-      return [_engine.apply_update(flat[i][1], u_leaves[i]) for i in averaged]
+      return _engine.apply_updates(
+          [flat[i][1] for i in averaged], [u_leaves[i] for i in averaged]
+      )
 
     # As in the engine: under jit the new params are computed outside the
     # branches (the step computes them anyway), not kept alive into them.

@@ -158,11 +158,6 @@ def _add(p: Any, u: Any) -> jax.Array:
   return jnp.asarray(p + u).astype(_leaves.leaf_dtype(p))
 
 
-def apply_update(p: Any, u: Any) -> jax.Array:
-  """`apply_updates` of one leaf."""
-  return apply_updates([p], [u])[0]
-
-
 def _materialize(new_ps: list[jax.Array]) -> list[jax.Array]:
   """Make the EMA read the new params from memory instead of recomputing them.
 
@@ -266,17 +261,16 @@ def overwrite_update(p: Any, u: Any, e: jax.Array) -> jax.Array:
   dtype = overwrite_dtype(p, u)
   target = e.astype(p_dtype)
   pf, tf = jnp.asarray(p).astype(dtype), target.astype(dtype)
-  first = tf - pf
-  best, best_miss = first, None
-  for candidate in (first, jnp.nextafter(first, -jnp.inf), jnp.nextafter(first, jnp.inf)):
-    landed = (pf + candidate).astype(p_dtype).astype(dtype)
-    miss = jnp.abs(landed - tf)
-    if best_miss is None:
-      best_miss = miss
-      continue
-    closer = miss < best_miss
+  def miss(candidate: jax.Array) -> jax.Array:
+    return jnp.abs((pf + candidate).astype(p_dtype).astype(dtype) - tf)
+
+  best = tf - pf
+  best_miss = miss(best)
+  for candidate in (jnp.nextafter(best, -jnp.inf), jnp.nextafter(best, jnp.inf)):
+    candidate_miss = miss(candidate)
+    closer = candidate_miss < best_miss
     best = jnp.where(closer, candidate, best)
-    best_miss = jnp.where(closer, miss, best_miss)
+    best_miss = jnp.where(closer, candidate_miss, best_miss)
   return best
 
 
@@ -401,11 +395,8 @@ def transformation(
       )
 
     step = rule(state.count)
-    weight = clip_weight(
-        np.reshape(step.weight, weight_shape)
-        if isinstance(step.weight, (np.ndarray, np.generic))
-        else jnp.reshape(step.weight, weight_shape)
-    )
+    # `.reshape` keeps a NumPy (folded) weight NumPy and a traced one traced.
+    weight = clip_weight(step.weight.reshape(weight_shape))
     debias_norm = state.debias_norm
     if debias_norm is not None:
       # The debiased average is itself an EMA, with weight w / n, where
@@ -488,17 +479,19 @@ def transformation(
       u_leaves = list(u_leaves)
       for i, u in zip(written, us):
         u_leaves[i] = u
-    new_ema, new_updates = [], []
-    for i, (p, u, kind) in enumerate(zip(p_leaves, u_leaves, kinds)):
-      e = e_leaves[i]
-      if kind is Kind.AVERAGE:
-        e = new_averages[i]
-      elif kind is Kind.CARRY:
-        e = copy(apply_update(p, u))
-      new_ema.append(e)
-      new_updates.append(u)
+    # The carried leaves' latest values, in one `apply_updates` (one barrier
+    # for all of them, as for the averaged leaves).
+    carried = [i for i, kind in enumerate(kinds) if kind is Kind.CARRY]
+    latest = apply_updates(
+        [p_leaves[i] for i in carried], [u_leaves[i] for i in carried]
+    )
+    new_ema = list(e_leaves)
+    for i, e in new_averages.items():
+      new_ema[i] = e
+    for i, e in zip(carried, latest):
+      new_ema[i] = copy(e)
 
-    return jax.tree.unflatten(treedef, new_updates), state_type(
+    return jax.tree.unflatten(treedef, list(u_leaves)), state_type(
         count=optax.safe_increment(state.count),
         ema=jax.tree.unflatten(treedef, new_ema),
         debias_norm=debias_norm,
