@@ -296,16 +296,16 @@ def _message(
       add(f"EMA at `{a.prefix}`: the checkpoint was written with "
           f"{setting}={saved_as}, the template has {setting}={template_as}; "
           f"build the template's EMA with {setting}={saved_as}.")
+    elif not any(s.startswith(a.prefix + ".") for s in saved):
+      add(f"EMA at `{a.prefix}`: the checkpoint has no EMA state there; it was "
+          "written with another optimizer chain. Build the template with the "
+          "chain the checkpoint was written with.")
     elif field == "ema" and _averaged_param(a, name) in saved.keys() & template:
       leaf = name[len(f"{a.prefix}.ema.") :]
       mine, other = ("template", "checkpoint") if in_template else ("checkpoint", "template")
       add(f"EMA at `{a.prefix}`: leaf `{leaf}` is averaged in the {mine} but "
           f"not in the {other}; build the template's EMA with the `mask` (or "
           "`optax.masked`) the checkpoint was written with.")
-    elif not any(s.startswith(a.prefix + ".") for s in saved):
-      add(f"EMA at `{a.prefix}`: the checkpoint has no EMA state there; it was "
-          "written with another optimizer chain. Build the template with the "
-          "chain the checkpoint was written with.")
     else:
       add(f"`{name}` is in {side}.")
   for name, s in diff.changed:
