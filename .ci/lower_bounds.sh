@@ -43,27 +43,13 @@ run_tests() {
 }
 
 # Memory kinds need jax 0.10.2 (ema_jax/_compat.py): at the core's floor those tests
-# skip and test_memory_kind_refused_before_jax_0_10_2 checks the refusal. The bf16 stochastic EMA is
-# deselected from the no-collectives check only: at jax 0.5.3, XLA shares the
-# rounding's index iota between same-shaped leaves of different shardings and moves
-# it between devices (the values are unchanged: test_same_values_sharded_or_not).
-# At jax 0.5.3 the plain and Keras updates' compiled sharded steps also hold an
-# all-to-all and a collective-permute since the first-step work of issue 21 (the
-# per-leaf arithmetic as lax primitives, constant decays folded); on the newest jax
-# they hold none. A cost on old XLA, not a value: every other test here runs sharded
-# params through the same update. Open: which op the old XLA reshards.
+# skip and test_memory_kind_refused_before_jax_0_10_2 checks the refusal.
 t="$src/tests"
 run_tests core "$(pins)" \
   "$t/test_engine_contract.py" "$t/test_ema.py" "$t/test_multi_ema.py" \
   "$t/test_schedules.py" "$t/test_swap.py" "$t/test_stochastic_rounding.py" \
   "$t/test_offload.py" "$t/test_teachers.py" "$t/test_presets.py" \
-  "$t/test_properties.py" "$t/test_sharding.py" \
-  --deselect "tests/test_sharding.py::test_sharded_like_params_and_no_collectives[bf16_stochastic-AxisType.Auto]" \
-  --deselect "tests/test_sharding.py::test_sharded_like_params_and_no_collectives[bf16_stochastic-AxisType.Explicit]" \
-  --deselect "tests/test_sharding.py::test_sharded_like_params_and_no_collectives[ema-AxisType.Auto]" \
-  --deselect "tests/test_sharding.py::test_sharded_like_params_and_no_collectives[ema-AxisType.Explicit]" \
-  --deselect "tests/test_sharding.py::test_sharded_like_params_and_no_collectives[keras-AxisType.Auto]" \
-  --deselect "tests/test_sharding.py::test_sharded_like_params_and_no_collectives[keras-AxisType.Explicit]"
+  "$t/test_properties.py" "$t/test_sharding.py"
 
 run_tests flax "$(pins flax)" \
   "$t/test_flax_hook.py" "$t/test_checkpoint.py" "$t/test_restore_checks.py" \

@@ -123,6 +123,7 @@ def apply_updates_and_average(
   e_leaves = _leaves.flatten_like(treedef, ema, "average `ema`")
   new_params = _engine.apply_updates([p for _, p in flat], u_leaves)
   new_ema: list[Any] = []
+  averaged = []
   for (path, p), new_p, e in zip(flat, new_params, e_leaves):
     kind = _leaves.leaf_kind(path, p, covered=e is not None)
     _leaves.check_stored(path, p, e, kind, "average `ema`")
@@ -132,9 +133,13 @@ def apply_updates_and_average(
             f"Leaf {_leaves.path_str(path)}: the average of floating params "
             f"must be floating, got dtype {_leaves.leaf_dtype(e)}."
         )
-      new_ema.append(_engine.average_leaf(jnp.asarray(e), new_p, weight))
+      averaged.append(len(new_ema))
+      e = jnp.asarray(e)
     elif kind is Kind.CARRY:
-      new_ema.append(_engine.copy(new_p))
-    else:
-      new_ema.append(None)
+      e = _engine.copy(new_p)
+    new_ema.append(e)
+  es = [new_ema[i] for i in averaged]
+  scalars = _engine.folded_operands(es, [weight] * len(es))
+  for i, e, s in zip(averaged, es, scalars):
+    new_ema[i] = _engine.average_leaf(e, new_params[i], weight, scalars=s)
   return jax.tree.unflatten(treedef, new_params), jax.tree.unflatten(treedef, new_ema)

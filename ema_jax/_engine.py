@@ -191,6 +191,7 @@ def average_leaf(
     weight: Any,
     keep: Any = None,
     key: jax.Array | None = None,
+    scalars: tuple[Any, ...] | None = None,
 ) -> jax.Array:
   """One EMA step of leaf `e` towards `p`: `e + weight * (p - e)`.
 
@@ -199,19 +200,64 @@ def average_leaf(
   folded into the arithmetic. The arithmetic is in float32 or wider;
   `weight == 1` gives `p` exactly. With `keep` (the Keras preset) the form is
   Keras' `keep * e + (1 - keep) * p`. With `key` the result is rounded
-  stochastically into `e`'s dtype (bfloat16).
+  stochastically into `e`'s dtype (bfloat16). `scalars`, from
+  `folded_operands`, stand for `leaf_scalars(e, weight, keep)` in the
+  arithmetic; the concrete `weight` still decides what is copied.
   """
   compute = _leaves.compute_dtype(e.dtype)
   ef, pf = _as(e, compute), _as(p, compute)
+  own = leaf_scalars(e, weight, keep)
+  s = own if scalars is None else scalars
   if keep is None:
-    w = weight.astype(compute)
-    mixed = _copy_where(w == 1, pf, lambda: _lerp(ef, pf, w))
+    mixed = _copy_where(own[0] == 1, pf, lambda: _lerp(ef, pf, s[0]))
   else:
-    k = keep.astype(compute)
-    mixed = _copy_where(k == 0, pf, lambda: k * ef + (1 - k) * pf)
+    mixed = _copy_where(own[0] == 0, pf, lambda: s[0] * ef + s[1] * pf)
   if key is None:
     return _as(mixed, e.dtype)
   return _rounding.stochastic_round(mixed, key)
+
+
+def leaf_scalars(e: Any, weight: Any, keep: Any = None) -> tuple[Any, ...]:
+  """The scalars `average_leaf` multiplies by, in average `e`'s compute
+  dtype: `(weight,)`, or Keras' `(keep, 1 - keep)`. NumPy for a NumPy
+  weight."""
+  compute = _leaves.compute_dtype(e.dtype)
+  if keep is None:
+    return (weight.astype(compute),)
+  k = keep.astype(compute)
+  return (k, 1 - k)
+
+
+def folded_operands(
+    leaves: Sequence[Any], weights: Sequence[Any], keeps: Sequence[Any] | None = None
+) -> list[tuple[Any, ...] | None]:
+  """Each average's `scalars` for `average_leaf`: one barrier for a traced
+  update with a concrete weight, else None (the weight is used as it is).
+
+  Folded into every leaf's arithmetic, a NumPy weight is a constant of the
+  leaf's shape, and jaxlib 0.5.3's XLA makes it one constant for all leaves of
+  that shape and dtype; its partitioner then moves it between devices for
+  each differently sharded leaf (an all-to-all and a collective-permute;
+  newer XLA broadcasts it again where it is needed). Behind one
+  `optimization_barrier` each leaf broadcasts its own copy, and XLA folds the
+  constant back into each leaf's loop after partitioning: the same bytes and
+  loops, one op per update (tests/test_sharding.py, tests/test_performance.py).
+  Each distinct scalar passes the barrier once, in the shape and dtype its
+  leaves use, so a leaf's update adds no op.
+  """
+  none: list[tuple[Any, ...] | None] = [None] * len(leaves)
+  keeps = none if keeps is None else keeps
+  if (not any(isinstance(x, jax.core.Tracer) for x in leaves)
+      or any(_checks.is_traced(w) for w in (*weights, *keeps) if w is not None)):
+    return none
+  per_leaf = [leaf_scalars(e, w, k) for e, w, k in zip(leaves, weights, keeps)]
+
+  def key(x: Any) -> Any:
+    return (x.dtype, x.shape, x.tobytes())
+
+  distinct = {key(x): np.asarray(x) for scalars in per_leaf for x in scalars}
+  opaque = dict(zip(distinct, jax.lax.optimization_barrier(list(distinct.values()))))
+  return [tuple(opaque[key(x)] for x in scalars) for scalars in per_leaf]
 
 
 def _as(x: jax.Array, dtype: Any) -> jax.Array:
@@ -247,6 +293,7 @@ def overwrite_dtype(p: Any, u: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(_leaves.compute_dtype(_leaves.leaf_dtype(p)), u.dtype))
 
 
+@jax.jit
 def overwrite_update(p: Any, u: Any, e: jax.Array) -> jax.Array:
   """The update `u` with `optax.apply_updates(p, u)` equal to the EMA `e`.
 
@@ -256,6 +303,8 @@ def overwrite_update(p: Any, u: Any, e: jax.Array) -> jax.Array:
   for float32 params (and there) it is the `p + u` nearest the target that a
   float32 update reaches (no float32 `u` gives `0.3 + u == -0.001` exactly).
   Of `round(target - p)` and its two neighbours, the one landing nearest.
+  Jitted for the reason `_rounding.stochastic_round` is: each leaf's
+  constants (`nextafter`'s) stay its own on jaxlib 0.5.3.
   """
   p_dtype = _leaves.leaf_dtype(p)
   dtype = overwrite_dtype(p, u)
@@ -432,16 +481,17 @@ def transformation(
 
     def average(old: list[jax.Array]) -> list[jax.Array]:
       ps = outside if outside is not None else new_params()
+      weights = [by_leaf(weight, p) for p in ps]
+      keeps = [None if step.keep is None else by_leaf(step.keep, p) for p in ps]
+      scalars = folded_operands(old, weights, keeps)
       return [
           _memory.put(
               average_leaf(
-                  _memory.put(e, on_device), p, by_leaf(weight, p),
-                  None if step.keep is None else by_leaf(step.keep, p),
-                  leaf_keys[i],
+                  _memory.put(e, on_device), p, w, k, leaf_keys[i], s
               ),
               memory_kind,
           )
-          for i, e, p in zip(averaged, old, ps)
+          for i, e, p, w, k, s in zip(averaged, old, ps, weights, keeps, scalars)
       ]
 
     # A cond, not a select: an update that does not average (update_every > 1)

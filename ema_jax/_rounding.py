@@ -47,6 +47,7 @@ def _noise16(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return _mix32(_mix32(index + seed[0]) ^ seed[1]) >> 16
 
 
+@jax.jit
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
   """`x` rounded to bfloat16, up or down with probability given by the distance.
 
@@ -54,7 +55,11 @@ def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
   rounds the magnitude up with probability `(|x| - lo) / ulp`. The random bits
   depend on the key and each element's index only, so a sharded `x` is
   rounded shard by shard, with no communication, to the same values as an
-  unsharded one.
+  unsharded one. Jitted: in a step, each leaf's rounding is a call that XLA
+  inlines on its own, with its own copies of the hash's constants (inlined
+  by JAX, jaxlib 0.5.3's XLA made them one constant for all leaves of a shape
+  and moved it between differently sharded leaves; see
+  `_engine.folded_operands`).
 
   Args:
     x: float32 values (other float dtypes are converted first).

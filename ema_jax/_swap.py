@@ -345,13 +345,17 @@ def blend(
   # A traced alpha is clipped at run time as a decay's weight is; a Python
   # one stays concrete, so each leaf's update folds it.
   weight: Any = _engine.clip_weight(alpha) if traced else np.asarray(alpha)
-  out = []
-  for _, p, e, kind in leaves:
-    if kind is Kind.AVERAGE and (traced or alpha > 0):
-      ema_leaf = _memory.same_memory_as(_pick(e, i), p)
-      # One EMA step of the params toward the EMA, with weight `alpha`.
-      p = _engine.average_leaf(jnp.asarray(p), ema_leaf, weight)
-    out.append(p)
+  out = [p for _, p, _, _ in leaves]
+  blended = [
+      j for j, (_, _, _, kind) in enumerate(leaves)
+      if kind is Kind.AVERAGE and (traced or alpha > 0)
+  ]
+  ps = [jnp.asarray(out[j]) for j in blended]
+  scalars = _engine.folded_operands(ps, [weight] * len(ps))
+  for j, p, s in zip(blended, ps, scalars):
+    ema_leaf = _memory.same_memory_as(_pick(leaves[j][2], i), p)
+    # One EMA step of the params toward the EMA, with weight `alpha`.
+    out[j] = _engine.average_leaf(p, ema_leaf, weight, scalars=s)
   return jax.tree.unflatten(treedef, out)
 
 

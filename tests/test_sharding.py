@@ -145,6 +145,32 @@ def test_sharded_like_params_and_no_collectives(axis_type, name):
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
+def test_blend_and_fused_update_with_constants_need_no_collectives(axis_type):
+  # A Python alpha or decay is folded into every leaf's update; leaves of one
+  # shape and dtype sharded differently ('mixed' and 'bf16''s float32
+  # average) must not share it across devices.
+  mesh = make_mesh(axis_type)
+  params = make_params(mesh)
+  ema_tx = optax.chain(optax.sgd(1e-2), ema_jax.ema(0.99))
+  opt_state = jax.jit(ema_tx.init)(params)
+  blend = jax.jit(lambda p, s: ema_jax.blend(p, s, 0.25))
+  compiled = blend.lower(params, opt_state).compile()
+  assert collectives(compiled) == {}, collectives(compiled)
+  assert_same_sharding(compiled(params, opt_state), params)
+
+  average = jax.jit(ema_jax.ema_params)(opt_state)  # float32, params' shardings
+  fused = jax.jit(
+      lambda p, u, e: ema_jax.apply_updates_and_average(p, u, e, 0.99)
+  )
+  grads = grads_like(params, 0)
+  compiled = fused.lower(params, grads, average).compile()
+  assert collectives(compiled) == {}, collectives(compiled)
+  new_params, new_average = compiled(params, grads, average)
+  assert_same_sharding(new_params, params)
+  assert_same_sharding(new_average, params)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 def test_eager_init_is_sharded_like_params(axis_type):
   mesh = make_mesh(axis_type)
   params = make_params(mesh)
