@@ -139,7 +139,7 @@ def apply_updates_and_average(
       e = _engine.copy(new_p)
     new_ema.append(e)
   es = [new_ema[i] for i in averaged]
-  scalars = _engine.folded_operands(es, [weight] * len(es))
-  for i, e, s in zip(averaged, es, scalars):
-    new_ema[i] = _engine.average_leaf(e, new_params[i], weight, scalars=s)
+  ps = [new_params[i] for i in averaged]
+  for i, e in zip(averaged, _engine.average_leaves(es, ps, [weight] * len(es))):
+    new_ema[i] = e
   return jax.tree.unflatten(treedef, new_params), jax.tree.unflatten(treedef, new_ema)

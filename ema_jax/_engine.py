@@ -4,8 +4,8 @@
 module with different rules. A rule maps the update count to a `Step`: whether
 this update averages, and the weight `1 - decay` of the new params (one per
 average). `transformation` builds the optax `GradientTransformation` around a
-rule; `average_leaf` is the arithmetic of one leaf, with an optional leading
-axis of `n` averages.
+rule; `average_leaves` is the arithmetic of every leaf (each with an optional
+leading axis of `n` averages), for `blend` and `apply_updates_and_average` too.
 """
 
 from __future__ import annotations
@@ -185,42 +185,53 @@ def clip_weight(weight: Any) -> Any:
   return xp.where(weight > 0, xp.minimum(weight, 1), xp.zeros_like(weight))
 
 
-def average_leaf(
-    e: jax.Array,
-    p: jax.Array,
-    weight: Any,
-    keep: Any = None,
-    key: jax.Array | None = None,
-    scalars: tuple[Any, ...] | None = None,
-) -> jax.Array:
-  """One EMA step of leaf `e` towards `p`: `e + weight * (p - e)`.
+def average_leaves(
+    es: Sequence[jax.Array],
+    ps: Sequence[jax.Array],
+    weights: Sequence[Any],
+    keeps: Sequence[Any] | None = None,
+    keys: Sequence[jax.Array | None] | None = None,
+    memory_kind: str | None = None,
+) -> list[jax.Array]:
+  """One EMA step of each leaf `e` towards its `p`: `e + weight * (p - e)`.
 
-  The one per-leaf update. `e` may hold `n` averages on a leading axis, with
-  `weight` of shape `(n, 1, ...)`; a NumPy `weight` (a constant decay) is
-  folded into the arithmetic. The arithmetic is in float32 or wider;
-  `weight == 1` gives `p` exactly. With `keep` (the Keras preset) the form is
-  Keras' `keep * e + (1 - keep) * p`. With `key` the result is rounded
-  stochastically into `e`'s dtype (bfloat16). `scalars`, from
-  `folded_operands`, stand for `leaf_scalars(e, weight, keep)` in the
-  arithmetic; the concrete `weight` still decides what is copied.
+  The one per-leaf update, for every leaf of an update at once. An `e` may
+  hold `n` averages on a leading axis, with its weight of shape
+  `(n, 1, ...)`; a NumPy weight (a constant decay) is folded into the
+  arithmetic. The arithmetic is in float32 or wider; a weight of 1 gives `p`
+  exactly. With `keeps` (the Keras preset) the form is Keras'
+  `keep * e + (1 - keep) * p`. With a key the result is rounded
+  stochastically into `e`'s dtype (bfloat16). With `memory_kind` (an
+  offloaded average) each `e` is moved to the device for its arithmetic and
+  its result back, leaf by leaf.
+
+  Under `jit`, the folded constants reach the leaves through one
+  `optimization_barrier` (`_folded`): each leaf broadcasts its own copy.
   """
-  compute = _leaves.compute_dtype(e.dtype)
-  ef, pf = _as(e, compute), _as(p, compute)
-  own = leaf_scalars(e, weight, keep)
-  s = own if scalars is None else scalars
-  if keep is None:
-    mixed = _copy_where(own[0] == 1, pf, lambda: _lerp(ef, pf, s[0]))
-  else:
-    mixed = _copy_where(own[0] == 0, pf, lambda: s[0] * ef + s[1] * pf)
-  if key is None:
-    return _as(mixed, e.dtype)
-  return _rounding.stochastic_round(mixed, key)
+  none: list[Any] = [None] * len(es)
+  keeps = none if keeps is None else keeps
+  keys = none if keys is None else keys
+  on_device = "device" if memory_kind else None
+  own = [_scalars(e, w, k) for e, w, k in zip(es, weights, keeps)]
+  used = _folded(es, own, [*weights, *keeps])
+  out = []
+  for e, p, k, key, mine, s in zip(es, ps, keeps, keys, own, used):
+    e = _memory.put(e, on_device)
+    compute = _leaves.compute_dtype(e.dtype)
+    ef, pf = _as(e, compute), _as(p, compute)
+    # The concrete weight decides what is copied; `s` is what multiplies.
+    if k is None:
+      mixed = _copy_where(mine[0] == 1, pf, lambda: _lerp(ef, pf, s[0]))
+    else:
+      mixed = _copy_where(mine[0] == 0, pf, lambda: s[0] * ef + s[1] * pf)
+    e = _as(mixed, e.dtype) if key is None else _rounding.stochastic_round(mixed, key)
+    out.append(_memory.put(e, memory_kind))
+  return out
 
 
-def leaf_scalars(e: Any, weight: Any, keep: Any = None) -> tuple[Any, ...]:
-  """The scalars `average_leaf` multiplies by, in average `e`'s compute
-  dtype: `(weight,)`, or Keras' `(keep, 1 - keep)`. NumPy for a NumPy
-  weight."""
+def _scalars(e: Any, weight: Any, keep: Any = None) -> tuple[Any, ...]:
+  """The scalars leaf `e`'s update multiplies by, in `e`'s compute dtype:
+  `(weight,)`, or Keras' `(keep, 1 - keep)`. NumPy for a NumPy weight."""
   compute = _leaves.compute_dtype(e.dtype)
   if keep is None:
     return (weight.astype(compute),)
@@ -228,11 +239,11 @@ def leaf_scalars(e: Any, weight: Any, keep: Any = None) -> tuple[Any, ...]:
   return (k, 1 - k)
 
 
-def folded_operands(
-    leaves: Sequence[Any], weights: Sequence[Any], keeps: Sequence[Any] | None = None
-) -> list[tuple[Any, ...] | None]:
-  """Each average's `scalars` for `average_leaf`: one barrier for a traced
-  update with a concrete weight, else None (the weight is used as it is).
+def _folded(
+    es: Sequence[Any], own: list[tuple[Any, ...]], operands: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+  """Each leaf's scalars as its arithmetic uses them: under `jit` with
+  concrete weights, through one barrier; else `own`.
 
   Folded into every leaf's arithmetic, a NumPy weight is a constant of the
   leaf's shape, and jaxlib 0.5.3's XLA makes it one constant for all leaves of
@@ -245,19 +256,16 @@ def folded_operands(
   Each distinct scalar passes the barrier once, in the shape and dtype its
   leaves use, so a leaf's update adds no op.
   """
-  none: list[tuple[Any, ...] | None] = [None] * len(leaves)
-  keeps = none if keeps is None else keeps
-  if (not any(isinstance(x, jax.core.Tracer) for x in leaves)
-      or any(_checks.is_traced(w) for w in (*weights, *keeps) if w is not None)):
-    return none
-  per_leaf = [leaf_scalars(e, w, k) for e, w, k in zip(leaves, weights, keeps)]
+  if (not any(isinstance(x, jax.core.Tracer) for x in es)
+      or any(_checks.is_traced(w) for w in operands if w is not None)):
+    return own
 
   def key(x: Any) -> Any:
     return (x.dtype, x.shape, x.tobytes())
 
-  distinct = {key(x): np.asarray(x) for scalars in per_leaf for x in scalars}
+  distinct = {key(x): np.asarray(x) for scalars in own for x in scalars}
   opaque = dict(zip(distinct, jax.lax.optimization_barrier(list(distinct.values()))))
-  return [tuple(opaque[key(x)] for x in scalars) for scalars in per_leaf]
+  return [tuple(opaque[key(x)] for x in scalars) for scalars in own]
 
 
 def _as(x: jax.Array, dtype: Any) -> jax.Array:
@@ -481,18 +489,11 @@ def transformation(
 
     def average(old: list[jax.Array]) -> list[jax.Array]:
       ps = outside if outside is not None else new_params()
-      weights = [by_leaf(weight, p) for p in ps]
-      keeps = [None if step.keep is None else by_leaf(step.keep, p) for p in ps]
-      scalars = folded_operands(old, weights, keeps)
-      return [
-          _memory.put(
-              average_leaf(
-                  _memory.put(e, on_device), p, w, k, leaf_keys[i], s
-              ),
-              memory_kind,
-          )
-          for i, e, p, w, k, s in zip(averaged, old, ps, weights, keeps, scalars)
-      ]
+      return average_leaves(
+          old, ps, [by_leaf(weight, p) for p in ps],
+          None if step.keep is None else [by_leaf(step.keep, p) for p in ps],
+          [leaf_keys[i] for i in averaged], memory_kind,
+      )
 
     # A cond, not a select: an update that does not average (update_every > 1)
     # makes no pass over the params and the average, and moves no offloaded

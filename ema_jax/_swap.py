@@ -351,11 +351,10 @@ def blend(
       if kind is Kind.AVERAGE and (traced or alpha > 0)
   ]
   ps = [jnp.asarray(out[j]) for j in blended]
-  scalars = _engine.folded_operands(ps, [weight] * len(ps))
-  for j, p, s in zip(blended, ps, scalars):
-    ema_leaf = _memory.same_memory_as(_pick(leaves[j][2], i), p)
-    # One EMA step of the params toward the EMA, with weight `alpha`.
-    out[j] = _engine.average_leaf(p, ema_leaf, weight, scalars=s)
+  # One EMA step of the params toward the EMA, with weight `alpha`.
+  emas = [_memory.same_memory_as(_pick(leaves[j][2], i), p) for j, p in zip(blended, ps)]
+  for j, p in zip(blended, _engine.average_leaves(ps, emas, [weight] * len(ps))):
+    out[j] = p
   return jax.tree.unflatten(treedef, out)
 
 
