@@ -189,12 +189,13 @@ def _gammas(
   return out
 
 
+def _widths(gammas: Sequence[float]) -> str:
+  """Exponents shown as the widths a user gives: `(0.05, 0.1)`."""
+  return str(tuple(round(_schedules.gamma_to_sigma_rel(g), 6) for g in gammas))
+
+
 def _shown(meta: dict[str, Any], key: str) -> str:
-  if key == "gammas":
-    return str(tuple(
-        round(_schedules.gamma_to_sigma_rel(g), 6) for g in meta["gammas"]
-    ))
-  return str(meta[key])
+  return _widths(meta["gammas"]) if key == "gammas" else str(meta[key])
 
 
 def _difference(
@@ -573,7 +574,8 @@ class Snapshotter:
 
     Returns:
       `ema_jax.multi_ema([power_decay(gamma=g) for g in self.gammas],
-      update_every=self.update_every, ...)`.
+      update_every=self.update_every, ...)`, whose state records its
+      `power_profile`: `maybe_save` and `save` take no other tracker.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -602,42 +604,42 @@ class Snapshotter:
           + (" (swap back before saving)." if "Swapped" in type(found).__name__
              else "; pass `which=` to pick it.")
       )
-    n = _state.num_averages(found)
-    if n != len(self.gammas):
-      raise ValueError(
-          f"The multi-EMA state holds {n} averages but the snapshotter tracks "
-          f"{len(self.gammas)}; build the optimizer with `snapshotter.ema()`."
-      )
+    self._check_profile(found.power_profile)
     return found
 
-  def _check_power(self, state: _state.MultiEmaState, step: int) -> None:
-    """At the first update, a pair of power EMAs are one value: refuse others.
+  def _check_profile(self, profile: _state.PowerProfile | None) -> None:
+    """The tracker must record this Snapshotter's power profile.
 
-    A power-function EMA equals the params after its first update whatever
-    its width (its decay is 0 there), so the tracked averages are equal bit
-    for bit; averages of other decays (`multi_ema([0.9, 0.99])`) differ as
-    soon as the params moved. Later steps cannot tell the decays apart, so
-    this is checked once, when `maybe_save` or `save` sees that update.
+    Any `multi_ema` state looks like the tracker's; `synthesize` combines the
+    snapshots as power profiles of `gammas`, so averages of other decays,
+    widths or `update_every` would give a wrong EMA without a sign. The
+    profile is static (in the state's tree structure): checking it costs no
+    device transfer, at every call.
     """
-    if step != self.update_every or state.rounding_key is not None:
-      return  # stochastic rounding rounds each average its own way
-    flat = jax.tree_util.tree_flatten_with_path(state.ema)[0]
-    for path, e in flat:
-      if (_leaves.stored_kind(e) is not _leaves.Kind.AVERAGE or e.shape[0] < 2
-          or getattr(e.sharding, "memory_kind", None) not in (None, "device")):
-        continue  # host-offloaded averages are left alone
-      same = jnp.all((e == e[:1]) | (jnp.isnan(e) & jnp.isnan(e[:1])))
-      # A replicated scalar: this process's copy (others' are not addressable).
-      if not bool(same.addressable_data(0)):
-        raise ValueError(
-            f"The tracked multi-EMA is not `Snapshotter.ema()`'s: after its "
-            f"first update (step {step}) its averages differ at leaf "
-            f"{_leaves.path_str(path)}, while power-function EMAs of any "
-            "width all equal the params there. Its decays are others (e.g. "
-            "`multi_ema([0.9, 0.99])`), whose snapshots `synthesize` would "
-            "combine as power profiles. Build the optimizer with "
-            "`snapshotter.ema()`."
-        )
+    mine = f"sigma_rels {_widths(self.gammas)} with update_every={self.update_every}"
+    if profile is None:
+      found = (
+          "records no power profile: its averages are not all power-function "
+          "EMAs from the first update on (a `multi_ema` records one when every "
+          "decay is a `power_decay`, with `start_step=0` and a Python int "
+          "`update_every`; `ema_jax.reset` after an update, or an update by a "
+          "`multi_ema` of other decays, drops it)"
+      )
+    elif len(profile.gammas) == len(self.gammas) and all(
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(profile.gammas, self.gammas)
+    ) and profile.update_every == self.update_every:
+      return
+    else:
+      found = (
+          f"holds power-function EMAs of sigma_rels {_widths(profile.gammas)} "
+          f"with update_every={profile.update_every}"
+      )
+    raise ValueError(
+        f"The tracked multi-EMA {found}; this Snapshotter tracks {mine}, and "
+        "`synthesize` would combine its snapshots as those. Build the "
+        "tracker with `snapshotter.ema()` (and restore checkpoints into a "
+        "template built with it)."
+    )
 
   def _check_open(self) -> None:
     if self._closed:
@@ -699,7 +701,6 @@ class Snapshotter:
         step = int(state.count)
       if step <= 0:
         return False
-      self._check_power(state, step)
       self._remember(step, state)
       if step % self.every:
         return False
@@ -717,7 +718,10 @@ class Snapshotter:
     Raises:
       ValueError: at step 0, or between two updates of the EMAs when
         `update_every > 1` (the snapshot would be stale), when the state
-        holds no tracker of this snapshotter, when its tree differs from
+        holds no tracker of this snapshotter (a `multi_ema` state that does
+        not record this Snapshotter's power profile: other decays, widths
+        or `update_every`, or averages reset after an update; the message
+        says which), when its tree differs from
         that of the snapshots in the directory, when two of its leaves
         would have one name in Orbax (`"a.b"` and `a/b`), when the step is
         below the latest snapshot's and has none (Orbax would not write
@@ -755,7 +759,6 @@ class Snapshotter:
 
   def _save(self, state: _state.MultiEmaState, expected: int | None) -> int | None:
     step = int(state.count)
-    self._check_power(state, step)
     if expected is not None and expected != step:
       raise ValueError(
           f"`step={expected}` but the EMA state has seen {step} updates. Pass "
