@@ -88,57 +88,98 @@ def _check_orbax_names(tree: Any, what: str) -> None:
     seen[name] = path
 
 
+# The directories whose lock this process holds, by (device, inode). A second
+# writer in this process is refused here, whatever the file system makes of
+# two opens of one file: NFS emulates `flock` with POSIX locks, which never
+# conflict within one process (and which closing any copy of the file drops).
+_held: dict[tuple[int, int], "_WriterLock"] = {}
+_held_mutex = threading.Lock()
+
+
 class _WriterLock:
   """One writer per directory: an OS lock on a file holding the owner's record.
 
   `fcntl.flock` conflicts between any two opens of the file, in one process or
   two, and the kernel drops it when its process ends (however it ends), so a
   crashed run leaves no stale lock: the record it leaves is only read while
-  someone holds the lock, and overwritten by the next writer.
+  someone holds the lock, and overwritten by the next writer. Within one
+  process, `_held` refuses a second writer before the file is opened.
   """
 
   def __init__(self, directory: str):
     self.path = os.path.join(directory, _LOCK_NAME)
-    try:
-      self._file: Any = open(self.path, "a+")  # noqa: SIM115  # held until release
-    except OSError as e:
-      raise type(e)(
-          e.errno, f"Cannot write to the snapshot directory {directory!r}: "
-          f"{e.strerror}."
-      ) from e
-    try:
-      fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      self._file.seek(0)
-      record = self._file.read()
-      self._file.close()
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise OSError(
-            e.errno,
-            f"Cannot lock {self.path!r} to make this Snapshotter the "
-            f"directory's only writer ({e.strerror}); use a directory on a "
-            "file system with file locks.",
+    with _held_mutex:
+      try:
+        info = os.stat(directory)
+        self._key = (info.st_dev, info.st_ino)
+        other = _held.get(self._key)
+        if other is not None:
+          raise _in_use(directory, other.record)
+        self._file: Any = open(self.path, "a+")  # noqa: SIM115  # held until release
+      except OSError as e:
+        raise type(e)(
+            e.errno, f"Cannot write to the snapshot directory {directory!r}: "
+            f"{e.strerror}."
         ) from e
-      raise ValueError(
-          f"{directory!r} is in use by another Snapshotter: "
-          f"{_holder(record)}. A directory takes one writer at a time: close "
-          "the other Snapshotter (or end its process), or give this run a new "
-          "directory. A crashed run's lock is released by the OS when its "
-          "process ends."
-      ) from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(json.dumps({
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-    }))
-    self._file.flush()
+      try:
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        self._file.seek(0)
+        record = self._file.read()
+        self._file.close()
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+          raise OSError(
+              e.errno,
+              f"Cannot lock {self.path!r} to make this Snapshotter the "
+              f"directory's only writer ({e.strerror}); use a directory on a "
+              "file system with file locks.",
+          ) from e
+        raise _in_use(directory, record) from None
+      self.record = json.dumps({
+          "pid": os.getpid(),
+          "host": socket.gethostname(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+      })
+      self._file.seek(0)
+      self._file.truncate()
+      self._file.write(self.record)
+      self._file.flush()
+      _held[self._key] = self
 
   def release(self) -> None:
-    if not self._file.closed:
-      self._file.close()  # closing drops the flock
+    with _held_mutex:
+      if _held.get(self._key) is self:
+        del _held[self._key]
+      if not self._file.closed:
+        self._file.close()  # closing drops the flock
+
+
+def _in_use(directory: str, record: str) -> ValueError:
+  return ValueError(
+      f"{directory!r} is in use by another Snapshotter: {_holder(record)}. A "
+      "directory takes one writer at a time: close the other Snapshotter (or "
+      "end its process), or give this run a new directory. A crashed run's "
+      "lock is released by the OS when its process ends."
+  )
+
+
+def _forget_locks_in_child() -> None:
+  """In a child forked by a writer: close its copies of the lock files.
+
+  `flock` belongs to the open file, which `fork` shares with the child: a
+  child that kept its copy would hold the lock after the parent closed (or
+  ended) until the child ended. Closing the copy leaves the parent's lock as
+  it is. The child's Snapshotters refuse every call (they check the pid).
+  """
+  global _held_mutex
+  _held_mutex = threading.Lock()  # another thread may have held it at fork
+  for lock in _held.values():
+    lock._file.close()
+  _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _holder(record: str) -> str:
@@ -459,6 +500,9 @@ class Snapshotter:
     # maybe_save, save and close may come from several threads.
     self._mutex = threading.RLock()
     self._closed = False
+    # A child forked from this process shares the Snapshotter but not Orbax's
+    # threads nor the lock: it is refused every call.
+    self._pid = os.getpid()
     try:
       os.makedirs(self.directory, exist_ok=True)
     except OSError as e:
@@ -559,6 +603,7 @@ class Snapshotter:
   @property
   def steps(self) -> tuple[int, ...]:
     """The steps of the snapshots written so far (finished ones), ascending."""
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       self._manager.reload()
       return tuple(sorted(self._manager.all_steps()))
@@ -641,6 +686,18 @@ class Snapshotter:
         "template built with it)."
     )
 
+  def _check_process(self) -> None:
+    """Refuse a call in a child forked from the process that built this."""
+    if os.getpid() != self._pid:
+      raise ValueError(
+          f"This Snapshotter of {self.directory!r} belongs to process "
+          f"{self._pid}; process {os.getpid()} is a child forked from it, "
+          "which cannot write there: the directory's lock and Orbax's "
+          "threads stay with the parent. Save from the parent (a forked "
+          "worker should hand its results back), or build a Snapshotter in "
+          "the child once the parent has closed its own."
+      )
+
   def _check_open(self) -> None:
     if self._closed:
       raise ValueError(
@@ -693,6 +750,7 @@ class Snapshotter:
       >>> snapshotter.maybe_save(state)  # step 0: nothing to save yet
       False
     """
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       self._check_open()
       self._raise_failed()
@@ -738,19 +796,32 @@ class Snapshotter:
       (1, None)
       >>> snapshotter.close()
     """
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       self._check_open()
       self._raise_failed()
       return self._save(self._tracked(opt_state), None)
 
-  def _raise_failed(self) -> None:
-    """Raise the failure of a snapshot written in the background, if any."""
+  def _raise_failed(self, wait: bool = False) -> None:
+    """Raise the failure of a snapshot written in the background, if any.
+
+    Orbax's finalize thread takes its checkpointer's error, so that
+    `check_for_errors` no longer sees it: only `wait_until_finished` raises
+    it (once per calling thread). It is asked once no write is in progress,
+    so that a step never waits for one, or after waiting with `wait`. Which
+    steps failed is read from the disk: a step started and not there.
+    """
+    if not wait and self._manager.is_saving_in_progress():
+      return  # asked again at the next call
     try:
+      self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:
-      # The failed step is not on disk: forget it, so that it can be redone.
+      # The failed steps are not on disk: forget them, so they can be redone.
       self._manager.reload()
       lost = self._saved - set(self._manager.all_steps())
+      if not lost:
+        return  # an error already raised, raised again to another thread
       self._saved -= lost
       self._last = None
       raise _failed_save(
@@ -812,6 +883,9 @@ class Snapshotter:
         lambda e: _as_saved(e, self.dtype), state.ema,
         is_leaf=lambda x: x is None,
     )
+    # Orbax waits for the write under way before it starts this one, and
+    # raises that write's failure: raised here, for the step that failed.
+    self._raise_failed(wait=True)
     try:
       # Orbax creates the step's directory in the background: a directory
       # that cannot take it fails here, before the save is reported.
@@ -891,14 +965,11 @@ class Snapshotter:
       >>> import tempfile, ema_jax
       >>> ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10).wait_until_finished()
     """
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       if self._closed:
         return  # close() waited
-      try:
-        self._manager.wait_until_finished()
-      except Exception:
-        pass  # raised below, with the step and the directory
-      self._raise_failed()
+      self._raise_failed(wait=True)
 
   def close(self) -> None:
     """Snapshot the last step seen if it has none, finish writing, release Orbax.
@@ -934,11 +1005,12 @@ class Snapshotter:
     self._close(tail=self.save_on_close)
 
   def _close(self, tail: bool) -> None:
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       if self._closed:
         return
       try:
-        self._raise_failed()
+        self._raise_failed(wait=True)
         if tail and self._last is not None and self._last[0] not in self._saved:
           step, state = self._last
           if any(
@@ -952,11 +1024,7 @@ class Snapshotter:
                 "`close()`, or build the Snapshotter with `save_on_close=False`."
             )
           self._save(state, step)
-        try:
-          self._manager.wait_until_finished()
-        except Exception:
-          pass  # raised below, with the step and the directory
-        self._raise_failed()
+        self._raise_failed(wait=True)
       finally:
         # Whatever failed above: Orbax's threads end and the lock is dropped,
         # so that the process can exit and another writer take over.
