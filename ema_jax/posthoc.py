@@ -27,6 +27,7 @@ import os
 import socket
 import tempfile
 import threading
+import warnings
 from typing import Any, Callable, Literal, NamedTuple, Sequence, Union
 
 import jax
@@ -105,6 +106,8 @@ class _WriterLock:
   someone holds the lock, and overwritten by the next writer. Within one
   process, `_held` refuses a second writer before the file is opened.
   """
+
+  record: str  # the owner's record, as written in the file
 
   def __init__(self, directory: str):
     self.path = os.path.join(directory, _LOCK_NAME)
@@ -193,6 +196,19 @@ def _holder(record: str) -> str:
       f"process {pid} on {host}, since {started}"
       + (" (this process: close() the other Snapshotter first)" if mine else "")
   )
+
+
+def _raise_background_error(manager: Any, wait: bool) -> None:
+  """Raise the failure of an asynchronous write of an Orbax manager, if any.
+
+  Orbax's finalize thread takes its checkpointer's error, so that
+  `check_for_errors` no longer sees it: only `wait_until_finished` raises it
+  (once per calling thread). Without `wait` it is asked only once no write
+  is in progress, so that the caller never waits for one.
+  """
+  if wait or not manager.is_saving_in_progress():
+    manager.wait_until_finished()
+  manager.check_for_errors()
 
 
 def _failed_save(directory: str, what: str, error: BaseException) -> RuntimeError:
@@ -383,9 +399,12 @@ class Snapshotter:
   One `Snapshotter` writes to a directory at a time: it holds an OS lock
   there (`fcntl.flock`, released by the kernel when its process ends, so a
   crashed run leaves nothing stuck) until `close()`; `maybe_save`, `save` and
-  `close` may be called from several threads. Under `jax.distributed`, every
-  process of the run builds one and calls the same methods (process 0 holds
-  the lock; each process writes its shards). The directory is local.
+  `close` may be called from several threads, not from a child process
+  forked from the one that built it (the child's copy refuses every call).
+  Under `jax.distributed`, every process of the run builds one and calls the
+  same methods (process 0 holds the lock; each process writes its shards).
+  The directory is local. What a SIGKILL leaves, and how to resume without
+  losing a snapshot: docs/posthoc.md.
 
   Args:
     directory: where the snapshots go (created if missing). What to do with
@@ -531,6 +550,8 @@ class Snapshotter:
     self._saved = set(self._manager.all_steps())
     # Snapshots of an earlier run: each one this run redoes is compared.
     self._unchecked = set(self._saved)
+    # The latest snapshot an earlier run left, until this run's first step.
+    self._resumed_after: int | None = max(self._saved, default=None)
     self._settings = {
         "gammas": list(self.gammas),
         "every": self.every,
@@ -734,14 +755,22 @@ class Snapshotter:
 
     Returns:
       Whether a snapshot was written (with `async_save`: started, in a
-      directory checked to take files; a write that fails in the background
-      is raised by the next call, never counted as written).
+      directory checked to take files, every earlier snapshot being on
+      disk; a write that fails in the background is raised by the first
+      call after it is over, or by the next snapshot's save, and never
+      counted as written).
 
     Raises:
       RuntimeError: when the snapshot (or an earlier one still being
         written) cannot be written; the message names the step, the
         directory and the cause.
-      ValueError: as `save`, and after `close()`.
+      ValueError: as `save`, after `close()`, and in a process forked from
+        the one that built the Snapshotter.
+
+    Warns:
+      UserWarning: at a resumed run's first step, when snapshots of earlier
+        steps are missing from the directory and can no longer be written
+        (their write had not finished when the earlier run's process ended).
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -759,6 +788,7 @@ class Snapshotter:
         step = int(state.count)
       if step <= 0:
         return False
+      self._check_lost(step)
       self._remember(step, state)
       if step % self.every:
         return False
@@ -783,8 +813,12 @@ class Snapshotter:
         that of the snapshots in the directory, when two of its leaves
         would have one name in Orbax (`"a.b"` and `a/b`), when the step is
         below the latest snapshot's and has none (Orbax would not write
-        it), or after `close()`.
+        it), after `close()`, or in a process forked from the one that
+        built the Snapshotter.
       RuntimeError: as in `maybe_save`.
+
+    Warns:
+      UserWarning: as `maybe_save`, of snapshots lost for good.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -800,22 +834,43 @@ class Snapshotter:
     with self._mutex:
       self._check_open()
       self._raise_failed()
-      return self._save(self._tracked(opt_state), None)
+      state = self._tracked(opt_state)
+      self._check_lost(int(state.count))
+      return self._save(state, None)
+
+  def _check_lost(self, step: int) -> None:
+    """Warn, at a resumed run's first step, of snapshots lost for good.
+
+    A snapshot whose write had not finished when the earlier run's process
+    ended is not on disk; a run resumed from a checkpoint after its step
+    cannot write it again (the EMAs of that step are gone).
+    """
+    latest, self._resumed_after = self._resumed_after, None
+    if latest is None or step <= latest:
+      return
+    lost = range((latest // self.every + 1) * self.every, step, self.every)
+    if lost:
+      warnings.warn(
+          f"The snapshots of step {_shown_steps(lost)} are not in "
+          f"{self.directory!r}: the earlier run ended before writing them, "
+          f"and this run starts after them (step {step}), so they cannot be "
+          "written again; `synthesize` uses the others (a coarser fit). To "
+          f"have them, resume from a checkpoint at or before step {lost[0]}. "
+          "Call `snapshotter.wait_until_finished()` before saving each "
+          "checkpoint, so that no checkpoint finishes before the snapshots "
+          "it follows.",
+          stacklevel=3,
+      )
 
   def _raise_failed(self, wait: bool = False) -> None:
     """Raise the failure of a snapshot written in the background, if any.
 
-    Orbax's finalize thread takes its checkpointer's error, so that
-    `check_for_errors` no longer sees it: only `wait_until_finished` raises
-    it (once per calling thread). It is asked once no write is in progress,
-    so that a step never waits for one, or after waiting with `wait`. Which
-    steps failed is read from the disk: a step started and not there.
+    Without `wait`, a write under way is not waited for (it is asked again
+    at the next call). Which steps failed is read from the disk: a step
+    started and not there.
     """
-    if not wait and self._manager.is_saving_in_progress():
-      return  # asked again at the next call
     try:
-      self._manager.wait_until_finished()
-      self._manager.check_for_errors()
+      _raise_background_error(self._manager, wait)
     except Exception as e:
       # The failed steps are not on disk: forget them, so they can be redone.
       self._manager.reload()
@@ -960,6 +1015,7 @@ class Snapshotter:
 
     Raises:
       RuntimeError: when one could not be written (see `maybe_save`).
+      ValueError: in a process forked from the one that built it.
 
     Examples:
       >>> import tempfile, ema_jax
@@ -983,7 +1039,8 @@ class Snapshotter:
     Raises:
       ValueError: when the last state seen has been donated since (save
         the final state with `save(opt_state)` before closing), or is below
-        the latest snapshot on disk (see `save`).
+        the latest snapshot on disk (see `save`), and in a process forked
+        from the one that built it.
       RuntimeError: when a snapshot could not be written (see `maybe_save`).
 
     Examples:

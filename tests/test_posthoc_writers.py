@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -343,6 +344,30 @@ def test_a_real_background_failure_is_raised_naming_its_step(tmp_path, monkeypat
     assert snapshotter.steps == (6,)
   else:
     assert snapshotter.steps == ()
+
+
+def test_a_resumed_run_is_warned_of_snapshots_lost_for_good(tmp_path):
+  params = {"w": jnp.zeros(3)}
+  with posthoc.Snapshotter(tmp_path, every=5, save_on_close=False) as first:
+    track(first, 10)
+  # The process ended while snapshot 15 was written; the checkpoint of step
+  # 17 had finished first. Resumed there, steps 15 cannot be written again.
+  again = posthoc.Snapshotter(tmp_path, every=5, existing="resume")
+  tx = again.ema()
+  state = tx.init(params)
+  for t in range(1, 18):
+    _, state = tx.update(params, state, jax.tree.map(lambda p: p + t, params))
+  with pytest.warns(UserWarning, match=(
+      r"snapshots of step 15 are not in .* this run starts after them \(step 17\).*"
+      r"checkpoint at or before step 15.*wait_until_finished")):
+    assert not again.maybe_save(state, step=17)
+  again.close()
+  assert again.steps == (5, 10, 17)
+  # Resumed at the latest snapshot or before it: nothing is lost, no warning.
+  with posthoc.Snapshotter(tmp_path, every=5, existing="resume") as last:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      assert last.save(state) is None
 
 
 def test_calls_after_close_are_refused(tmp_path):
