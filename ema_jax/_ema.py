@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import optax
 
@@ -13,6 +13,7 @@ from ema_jax._leaves import Mask
 from ema_jax._memory import MemoryKind
 from ema_jax._rounding import Rounding
 from ema_jax._schedules import Decay
+from ema_jax._state import PowerProfile
 
 
 def ema(
@@ -238,8 +239,22 @@ def _build(
   return _engine.transformation(
       _engine.schedule_rule(schedules, start_step, update_every),
       len(schedules) if stacked else None,
+      power_profile=_power_profile(schedules, start_step, update_every),
       **storage,
   )
+
+
+def _power_profile(
+    schedules: Sequence[Any], start_step: Any, update_every: Any
+) -> PowerProfile | None:
+  """The profile of averages that are power functions of the update count
+  from the first update on (`start_step` would shift them; a traced
+  `update_every` is not known), else `None`."""
+  gammas = tuple(getattr(s, "power_gamma", None) for s in schedules)
+  if (None in gammas or not isinstance(start_step, int) or start_step != 0
+      or not isinstance(update_every, int)):
+    return None
+  return PowerProfile(cast(tuple[float, ...], gammas), update_every)
 
 
 def moving_average(

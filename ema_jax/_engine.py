@@ -24,7 +24,7 @@ from ema_jax import _memory
 from ema_jax import _rounding
 from ema_jax import _schedules
 from ema_jax._leaves import Kind
-from ema_jax._state import EmaState, MultiEmaState
+from ema_jax._state import EmaState, MultiEmaState, PowerProfile
 
 
 class Step(NamedTuple):
@@ -369,10 +369,14 @@ def transformation(
     key: Any = 0,
     memory_kind: str | None = None,
     overwrite_every: int | None = None,
+    power_profile: PowerProfile | None = None,
 ) -> optax.GradientTransformation:
   """The EMA transformation of `rule`, for one average or `num_averages`.
 
-  Every option is checked here, when the transformation is built.
+  Every option is checked here, when the transformation is built. A
+  `power_profile` (what `rule` averages, when its decays are power functions)
+  is recorded in the state; an update keeps it only in a state that records
+  the same, so a state updated by another rule never claims it.
   """
   debias = _checks.boolean("debias", debias)
   dtype = _checks.ema_dtype(ema_dtype)
@@ -418,6 +422,7 @@ def transformation(
         ),
         # A buffer of this state's own: donating the state deletes it.
         rounding_key=copy(first_key) if rounding == "stochastic" else None,
+        power_profile=power_profile,
     )
 
   def update_fn(
@@ -547,6 +552,10 @@ def transformation(
         ema=jax.tree.unflatten(treedef, new_ema),
         debias_norm=debias_norm,
         rounding_key=rounding_key,
+        # Averages another rule updated are no longer this profile's.
+        power_profile=(
+            power_profile if state.power_profile == power_profile else None
+        ),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

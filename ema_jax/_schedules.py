@@ -42,6 +42,9 @@ class DecaySchedule:
     decay: `count -> decay`.
     weight: `count -> 1 - decay`, computed without cancellation.
     name: shown by `repr`.
+    constant: whether the decay is the same at every count.
+    power_gamma: the exponent of a power-function profile (`power_decay`),
+      else `None`; a `multi_ema` of these records its profile in its state.
 
   Examples:
     >>> import ema_jax
@@ -51,13 +54,15 @@ class DecaySchedule:
   """
 
   def __init__(
-      self, decay: Schedule, weight: Schedule, name: str, *, constant: bool = False
+      self, decay: Schedule, weight: Schedule, name: str, *,
+      constant: bool = False, power_gamma: float | None = None,
   ):
     self._decay = decay
     self._weight = weight
     self._name = name
     # The same decay at every count: the engine may fold it into the update.
     self.constant = constant
+    self.power_gamma = power_gamma
 
   def __call__(self, count: Any) -> jax.Array:
     return self._decay(count)
@@ -328,6 +333,7 @@ def power_decay(
       lambda count: jnp.exp(log_decay(count)),
       lambda count: -jnp.expm1(log_decay(count)),
       f"power_decay(gamma={gamma!r})",
+      power_gamma=gamma,
   )
 
 

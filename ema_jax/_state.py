@@ -5,6 +5,8 @@ stacked on a leading axis, and each has a swapped form that `ema_jax.swap`
 makes while the EMA weights are out in the params. The four types share their
 fields, so every function reads them the same way; the type is the one static
 fact the arrays cannot tell (whether averaged leaves carry the leading axis).
+A second static fact rides along: `power_profile`, which power functions the
+averages are, when they are ones.
 """
 
 from __future__ import annotations
@@ -16,6 +18,41 @@ import jax
 import jax.numpy as jnp
 
 from ema_jax import _leaves
+
+
+class PowerProfile(NamedTuple):
+  """What a `multi_ema` of power-function EMAs averages: a static record.
+
+  An `ema` or `multi_ema` whose decays are all `power_decay`s, with
+  `start_step=0` and a Python int `update_every`, records this in its state,
+  so that `ema_jax.posthoc.Snapshotter` can tell its tracker from any other
+  `multi_ema` (whose averages look the same). It is static: a pytree node
+  without leaves, held in the tree structure, so it costs nothing on the
+  device, passes through `jit` and every optax wrapper, and comes back from
+  a checkpoint with the template it is restored into (nothing of it is
+  written to an Orbax checkpoint).
+
+  Attributes:
+    gammas: the exponent of each average, in the order they are stacked.
+    update_every: the `update_every` the averages were built with.
+
+  Examples:
+    >>> import jax.numpy as jnp, ema_jax
+    >>> power = [ema_jax.power_decay(gamma=g) for g in (6.94, 16.97)]
+    >>> ema_jax.multi_ema(power).init(jnp.zeros(2)).power_profile
+    PowerProfile(gammas=(6.94, 16.97), update_every=1)
+    >>> print(ema_jax.multi_ema([0.9, 0.99]).init(jnp.zeros(2)).power_profile)
+    None
+  """
+
+  gammas: tuple[float, ...]
+  update_every: int
+
+
+# No children: the record lives in the tree structure, never as a leaf.
+jax.tree_util.register_pytree_node(
+    PowerProfile, lambda profile: ((), profile), lambda profile, _: profile
+)
 
 
 class EmaState(NamedTuple):
@@ -33,6 +70,10 @@ class EmaState(NamedTuple):
     rounding_key: with `rounding='stochastic'`, the PRNG key the next update
       rounds with (split at every update); `None` otherwise. shape=(), a
       typed key.
+    power_profile: a `PowerProfile` when the average is a power-function
+      EMA from the first update on (`power_decay`); `None` otherwise, and
+      once `ema_jax.reset` restarted it after an update, or a transformation
+      of another decay updated it. Static: no leaf.
 
   Examples:
     >>> import jax.numpy as jnp, ema_jax
@@ -45,6 +86,7 @@ class EmaState(NamedTuple):
   ema: Any
   debias_norm: jax.Array | None = None
   rounding_key: jax.Array | None = None
+  power_profile: PowerProfile | None = None
 
 
 class MultiEmaState(NamedTuple):
@@ -59,6 +101,8 @@ class MultiEmaState(NamedTuple):
       excluded by `mask` are `None`.
     debias_norm: as in `EmaState`, one per average. shape=(n,).
     rounding_key: as in `EmaState`.
+    power_profile: as in `EmaState`, for all the averages (the post-hoc
+      tracker, `ema_jax.posthoc.Snapshotter.ema()`, records one).
 
   Examples:
     >>> import jax.numpy as jnp, ema_jax
@@ -71,6 +115,7 @@ class MultiEmaState(NamedTuple):
   ema: Any
   debias_norm: jax.Array | None = None
   rounding_key: jax.Array | None = None
+  power_profile: PowerProfile | None = None
 
 
 class SwappedEmaState(NamedTuple):
@@ -94,6 +139,7 @@ class SwappedEmaState(NamedTuple):
       `None` at leaves the EMA does not cover.
     debias_norm: as in `EmaState`.
     rounding_key: as in `EmaState`.
+    power_profile: as in `EmaState`.
 
   Examples:
     >>> import jax.numpy as jnp, ema_jax
@@ -108,6 +154,7 @@ class SwappedEmaState(NamedTuple):
   raw_params: Any
   debias_norm: jax.Array | None = None
   rounding_key: jax.Array | None = None
+  power_profile: PowerProfile | None = None
 
 
 class SwappedMultiEmaState(NamedTuple):
@@ -127,6 +174,7 @@ class SwappedMultiEmaState(NamedTuple):
     index: which average is out. shape=(), int32.
     debias_norm: as in `MultiEmaState`.
     rounding_key: as in `MultiEmaState`.
+    power_profile: as in `MultiEmaState`.
 
   Examples:
     >>> import jax.numpy as jnp, ema_jax
@@ -143,6 +191,7 @@ class SwappedMultiEmaState(NamedTuple):
   index: jax.Array  # type: ignore[assignment]
   debias_norm: jax.Array | None = None
   rounding_key: jax.Array | None = None
+  power_profile: PowerProfile | None = None
 
 
 AnyEmaState = Union[EmaState, MultiEmaState, SwappedEmaState, SwappedMultiEmaState]

@@ -253,21 +253,20 @@ def swap(
       raw.append(_memory.same_memory_as(p, e))
 
   new: Any
+  rest = (found.debias_norm, found.rounding_key, found.power_profile)
   if swapped:
-    rest = (found.debias_norm, found.rounding_key)
     new = (_state.MultiEmaState if multi else _state.EmaState)(
         _state.unswapped_count(found.count), found.ema, *rest
     )
   elif multi:
     new = _state.SwappedMultiEmaState(
         _state.swapped_count(found.count), found.ema,
-        jax.tree.unflatten(treedef, raw),
-        jnp.asarray(i, jnp.int32), found.debias_norm, found.rounding_key,
+        jax.tree.unflatten(treedef, raw), jnp.asarray(i, jnp.int32), *rest,
     )
   else:
     new = _state.SwappedEmaState(
         _state.swapped_count(found.count), found.ema,
-        jax.tree.unflatten(treedef, raw), found.debias_norm, found.rounding_key,
+        jax.tree.unflatten(treedef, raw), *rest,
     )
   return jax.tree.unflatten(treedef, out), _state.replace(state, which, new)
 
@@ -374,7 +373,10 @@ def reset(
   normaliser is set to 1): the next update moves it by `1 - decay`, as
   without `debias`, and never copies over it. Use it to restart an EMA, or to start a
   teacher apart from the student: BYOL initialises its target network from
-  another seed.
+  another seed. Averages restarted after an update are no longer power
+  functions of the steps: the state loses its `power_profile` then (and
+  under `jit`, where the count is not known), so
+  `ema_jax.posthoc.Snapshotter` refuses to snapshot it.
 
   Args:
     opt_state: an EMA state or any optax state holding one, not swapped.
@@ -421,4 +423,13 @@ def reset(
       ema=ema,
       debias_norm=None if norm is None else jnp.ones_like(norm),
   )
+  if not _before_any_update(found.count):
+    # Restarted at step t, the averages are no longer power functions of the
+    # steps (the first update of a power EMA copies: before it, they still are).
+    new = new._replace(power_profile=None)
   return _state.replace(opt_state, which, new)
+
+
+def _before_any_update(count: Any) -> bool:
+  """Whether `count` is known to be 0 (under `jit` it is not known)."""
+  return not isinstance(count, jax.core.Tracer) and int(count) == 0

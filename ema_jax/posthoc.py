@@ -27,6 +27,7 @@ import os
 import socket
 import tempfile
 import threading
+import warnings
 from typing import Any, Callable, Literal, NamedTuple, Sequence, Union
 
 import jax
@@ -88,57 +89,100 @@ def _check_orbax_names(tree: Any, what: str) -> None:
     seen[name] = path
 
 
+# The directories whose lock this process holds, by (device, inode). A second
+# writer in this process is refused here, whatever the file system makes of
+# two opens of one file: NFS emulates `flock` with POSIX locks, which never
+# conflict within one process (and which closing any copy of the file drops).
+_held: dict[tuple[int, int], "_WriterLock"] = {}
+_held_mutex = threading.Lock()
+
+
 class _WriterLock:
   """One writer per directory: an OS lock on a file holding the owner's record.
 
   `fcntl.flock` conflicts between any two opens of the file, in one process or
   two, and the kernel drops it when its process ends (however it ends), so a
   crashed run leaves no stale lock: the record it leaves is only read while
-  someone holds the lock, and overwritten by the next writer.
+  someone holds the lock, and overwritten by the next writer. Within one
+  process, `_held` refuses a second writer before the file is opened.
   """
+
+  record: str  # the owner's record, as written in the file
 
   def __init__(self, directory: str):
     self.path = os.path.join(directory, _LOCK_NAME)
-    try:
-      self._file: Any = open(self.path, "a+")  # noqa: SIM115  # held until release
-    except OSError as e:
-      raise type(e)(
-          e.errno, f"Cannot write to the snapshot directory {directory!r}: "
-          f"{e.strerror}."
-      ) from e
-    try:
-      fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      self._file.seek(0)
-      record = self._file.read()
-      self._file.close()
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise OSError(
-            e.errno,
-            f"Cannot lock {self.path!r} to make this Snapshotter the "
-            f"directory's only writer ({e.strerror}); use a directory on a "
-            "file system with file locks.",
+    with _held_mutex:
+      try:
+        info = os.stat(directory)
+        self._key = (info.st_dev, info.st_ino)
+        other = _held.get(self._key)
+        if other is not None:
+          raise _in_use(directory, other.record)
+        self._file: Any = open(self.path, "a+")  # noqa: SIM115  # held until release
+      except OSError as e:
+        raise type(e)(
+            e.errno, f"Cannot write to the snapshot directory {directory!r}: "
+            f"{e.strerror}."
         ) from e
-      raise ValueError(
-          f"{directory!r} is in use by another Snapshotter: "
-          f"{_holder(record)}. A directory takes one writer at a time: close "
-          "the other Snapshotter (or end its process), or give this run a new "
-          "directory. A crashed run's lock is released by the OS when its "
-          "process ends."
-      ) from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(json.dumps({
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-    }))
-    self._file.flush()
+      try:
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        self._file.seek(0)
+        record = self._file.read()
+        self._file.close()
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+          raise OSError(
+              e.errno,
+              f"Cannot lock {self.path!r} to make this Snapshotter the "
+              f"directory's only writer ({e.strerror}); use a directory on a "
+              "file system with file locks.",
+          ) from e
+        raise _in_use(directory, record) from None
+      self.record = json.dumps({
+          "pid": os.getpid(),
+          "host": socket.gethostname(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+      })
+      self._file.seek(0)
+      self._file.truncate()
+      self._file.write(self.record)
+      self._file.flush()
+      _held[self._key] = self
 
   def release(self) -> None:
-    if not self._file.closed:
-      self._file.close()  # closing drops the flock
+    with _held_mutex:
+      if _held.get(self._key) is self:
+        del _held[self._key]
+      if not self._file.closed:
+        self._file.close()  # closing drops the flock
+
+
+def _in_use(directory: str, record: str) -> ValueError:
+  return ValueError(
+      f"{directory!r} is in use by another Snapshotter: {_holder(record)}. A "
+      "directory takes one writer at a time: close the other Snapshotter (or "
+      "end its process), or give this run a new directory. A crashed run's "
+      "lock is released by the OS when its process ends."
+  )
+
+
+def _forget_locks_in_child() -> None:
+  """In a child forked by a writer: close its copies of the lock files.
+
+  `flock` belongs to the open file, which `fork` shares with the child: a
+  child that kept its copy would hold the lock after the parent closed (or
+  ended) until the child ended. Closing the copy leaves the parent's lock as
+  it is. The child's Snapshotters refuse every call (they check the pid).
+  """
+  global _held_mutex
+  _held_mutex = threading.Lock()  # another thread may have held it at fork
+  for lock in _held.values():
+    lock._file.close()
+  _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _holder(record: str) -> str:
@@ -152,6 +196,19 @@ def _holder(record: str) -> str:
       f"process {pid} on {host}, since {started}"
       + (" (this process: close() the other Snapshotter first)" if mine else "")
   )
+
+
+def _raise_background_error(manager: Any, wait: bool) -> None:
+  """Raise the failure of an asynchronous write of an Orbax manager, if any.
+
+  Orbax's finalize thread takes its checkpointer's error, so that
+  `check_for_errors` no longer sees it: only `wait_until_finished` raises it
+  (once per calling thread). Without `wait` it is asked only once no write
+  is in progress, so that the caller never waits for one.
+  """
+  if wait or not manager.is_saving_in_progress():
+    manager.wait_until_finished()
+  manager.check_for_errors()
 
 
 def _failed_save(directory: str, what: str, error: BaseException) -> RuntimeError:
@@ -189,12 +246,13 @@ def _gammas(
   return out
 
 
+def _widths(gammas: Sequence[float]) -> str:
+  """Exponents shown as the widths a user gives: `(0.05, 0.1)`."""
+  return str(tuple(round(_schedules.gamma_to_sigma_rel(g), 6) for g in gammas))
+
+
 def _shown(meta: dict[str, Any], key: str) -> str:
-  if key == "gammas":
-    return str(tuple(
-        round(_schedules.gamma_to_sigma_rel(g), 6) for g in meta["gammas"]
-    ))
-  return str(meta[key])
+  return _widths(meta["gammas"]) if key == "gammas" else str(meta[key])
 
 
 def _difference(
@@ -341,9 +399,12 @@ class Snapshotter:
   One `Snapshotter` writes to a directory at a time: it holds an OS lock
   there (`fcntl.flock`, released by the kernel when its process ends, so a
   crashed run leaves nothing stuck) until `close()`; `maybe_save`, `save` and
-  `close` may be called from several threads. Under `jax.distributed`, every
-  process of the run builds one and calls the same methods (process 0 holds
-  the lock; each process writes its shards). The directory is local.
+  `close` may be called from several threads, not from a child process
+  forked from the one that built it (the child's copy refuses every call).
+  Under `jax.distributed`, every process of the run builds one and calls the
+  same methods (process 0 holds the lock; each process writes its shards).
+  The directory is local. What a SIGKILL leaves, and how to resume without
+  losing a snapshot: docs/posthoc.md.
 
   Args:
     directory: where the snapshots go (created if missing). What to do with
@@ -458,6 +519,9 @@ class Snapshotter:
     # maybe_save, save and close may come from several threads.
     self._mutex = threading.RLock()
     self._closed = False
+    # A child forked from this process shares the Snapshotter but not Orbax's
+    # threads nor the lock: it is refused every call.
+    self._pid = os.getpid()
     try:
       os.makedirs(self.directory, exist_ok=True)
     except OSError as e:
@@ -486,6 +550,8 @@ class Snapshotter:
     self._saved = set(self._manager.all_steps())
     # Snapshots of an earlier run: each one this run redoes is compared.
     self._unchecked = set(self._saved)
+    # The latest snapshot an earlier run left, until this run's first step.
+    self._resumed_after: int | None = max(self._saved, default=None)
     self._settings = {
         "gammas": list(self.gammas),
         "every": self.every,
@@ -558,6 +624,7 @@ class Snapshotter:
   @property
   def steps(self) -> tuple[int, ...]:
     """The steps of the snapshots written so far (finished ones), ascending."""
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       self._manager.reload()
       return tuple(sorted(self._manager.all_steps()))
@@ -573,7 +640,8 @@ class Snapshotter:
 
     Returns:
       `ema_jax.multi_ema([power_decay(gamma=g) for g in self.gammas],
-      update_every=self.update_every, ...)`.
+      update_every=self.update_every, ...)`, whose state records its
+      `power_profile`: `maybe_save` and `save` take no other tracker.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -602,42 +670,54 @@ class Snapshotter:
           + (" (swap back before saving)." if "Swapped" in type(found).__name__
              else "; pass `which=` to pick it.")
       )
-    n = _state.num_averages(found)
-    if n != len(self.gammas):
-      raise ValueError(
-          f"The multi-EMA state holds {n} averages but the snapshotter tracks "
-          f"{len(self.gammas)}; build the optimizer with `snapshotter.ema()`."
-      )
+    self._check_profile(found.power_profile)
     return found
 
-  def _check_power(self, state: _state.MultiEmaState, step: int) -> None:
-    """At the first update, a pair of power EMAs are one value: refuse others.
+  def _check_profile(self, profile: _state.PowerProfile | None) -> None:
+    """The tracker must record this Snapshotter's power profile.
 
-    A power-function EMA equals the params after its first update whatever
-    its width (its decay is 0 there), so the tracked averages are equal bit
-    for bit; averages of other decays (`multi_ema([0.9, 0.99])`) differ as
-    soon as the params moved. Later steps cannot tell the decays apart, so
-    this is checked once, when `maybe_save` or `save` sees that update.
+    Any `multi_ema` state looks like the tracker's; `synthesize` combines the
+    snapshots as power profiles of `gammas`, so averages of other decays,
+    widths or `update_every` would give a wrong EMA without a sign. The
+    profile is static (in the state's tree structure): checking it costs no
+    device transfer, at every call.
     """
-    if step != self.update_every or state.rounding_key is not None:
-      return  # stochastic rounding rounds each average its own way
-    flat = jax.tree_util.tree_flatten_with_path(state.ema)[0]
-    for path, e in flat:
-      if (_leaves.stored_kind(e) is not _leaves.Kind.AVERAGE or e.shape[0] < 2
-          or getattr(e.sharding, "memory_kind", None) not in (None, "device")):
-        continue  # host-offloaded averages are left alone
-      same = jnp.all((e == e[:1]) | (jnp.isnan(e) & jnp.isnan(e[:1])))
-      # A replicated scalar: this process's copy (others' are not addressable).
-      if not bool(same.addressable_data(0)):
-        raise ValueError(
-            f"The tracked multi-EMA is not `Snapshotter.ema()`'s: after its "
-            f"first update (step {step}) its averages differ at leaf "
-            f"{_leaves.path_str(path)}, while power-function EMAs of any "
-            "width all equal the params there. Its decays are others (e.g. "
-            "`multi_ema([0.9, 0.99])`), whose snapshots `synthesize` would "
-            "combine as power profiles. Build the optimizer with "
-            "`snapshotter.ema()`."
-        )
+    mine = f"sigma_rels {_widths(self.gammas)} with update_every={self.update_every}"
+    if profile is None:
+      found = (
+          "records no power profile: its averages are not all power-function "
+          "EMAs from the first update on (a `multi_ema` records one when every "
+          "decay is a `power_decay`, with `start_step=0` and a Python int "
+          "`update_every`; `ema_jax.reset` after an update, or an update by a "
+          "`multi_ema` of other decays, drops it)"
+      )
+    elif len(profile.gammas) == len(self.gammas) and all(
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(profile.gammas, self.gammas)
+    ) and profile.update_every == self.update_every:
+      return
+    else:
+      found = (
+          f"holds power-function EMAs of sigma_rels {_widths(profile.gammas)} "
+          f"with update_every={profile.update_every}"
+      )
+    raise ValueError(
+        f"The tracked multi-EMA {found}; this Snapshotter tracks {mine}, and "
+        "`synthesize` would combine its snapshots as those. Build the "
+        "tracker with `snapshotter.ema()` (and restore checkpoints into a "
+        "template built with it)."
+    )
+
+  def _check_process(self) -> None:
+    """Refuse a call in a child forked from the process that built this."""
+    if os.getpid() != self._pid:
+      raise ValueError(
+          f"This Snapshotter of {self.directory!r} belongs to process "
+          f"{self._pid}; process {os.getpid()} is a child forked from it, "
+          "which cannot write there: the directory's lock and Orbax's "
+          "threads stay with the parent. Save from the parent (a forked "
+          "worker should hand its results back), or build a Snapshotter in "
+          "the child once the parent has closed its own."
+      )
 
   def _check_open(self) -> None:
     if self._closed:
@@ -675,14 +755,22 @@ class Snapshotter:
 
     Returns:
       Whether a snapshot was written (with `async_save`: started, in a
-      directory checked to take files; a write that fails in the background
-      is raised by the next call, never counted as written).
+      directory checked to take files, every earlier snapshot being on
+      disk; a write that fails in the background is raised by the first
+      call after it is over, or by the next snapshot's save, and never
+      counted as written).
 
     Raises:
       RuntimeError: when the snapshot (or an earlier one still being
         written) cannot be written; the message names the step, the
         directory and the cause.
-      ValueError: as `save`, and after `close()`.
+      ValueError: as `save`, after `close()`, and in a process forked from
+        the one that built the Snapshotter.
+
+    Warns:
+      UserWarning: at a resumed run's first step, when snapshots of earlier
+        steps are missing from the directory and can no longer be written
+        (their write had not finished when the earlier run's process ended).
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -691,6 +779,7 @@ class Snapshotter:
       >>> snapshotter.maybe_save(state)  # step 0: nothing to save yet
       False
     """
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       self._check_open()
       self._raise_failed()
@@ -699,7 +788,7 @@ class Snapshotter:
         step = int(state.count)
       if step <= 0:
         return False
-      self._check_power(state, step)
+      self._check_lost(step)
       self._remember(step, state)
       if step % self.every:
         return False
@@ -717,12 +806,19 @@ class Snapshotter:
     Raises:
       ValueError: at step 0, or between two updates of the EMAs when
         `update_every > 1` (the snapshot would be stale), when the state
-        holds no tracker of this snapshotter, when its tree differs from
+        holds no tracker of this snapshotter (a `multi_ema` state that does
+        not record this Snapshotter's power profile: other decays, widths
+        or `update_every`, or averages reset after an update; the message
+        says which), when its tree differs from
         that of the snapshots in the directory, when two of its leaves
         would have one name in Orbax (`"a.b"` and `a/b`), when the step is
         below the latest snapshot's and has none (Orbax would not write
-        it), or after `close()`.
+        it), after `close()`, or in a process forked from the one that
+        built the Snapshotter.
       RuntimeError: as in `maybe_save`.
+
+    Warns:
+      UserWarning: as `maybe_save`, of snapshots lost for good.
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, ema_jax
@@ -734,19 +830,53 @@ class Snapshotter:
       (1, None)
       >>> snapshotter.close()
     """
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       self._check_open()
       self._raise_failed()
-      return self._save(self._tracked(opt_state), None)
+      state = self._tracked(opt_state)
+      self._check_lost(int(state.count))
+      return self._save(state, None)
 
-  def _raise_failed(self) -> None:
-    """Raise the failure of a snapshot written in the background, if any."""
+  def _check_lost(self, step: int) -> None:
+    """Warn, at a resumed run's first step, of snapshots lost for good.
+
+    A snapshot whose write had not finished when the earlier run's process
+    ended is not on disk; a run resumed from a checkpoint after its step
+    cannot write it again (the EMAs of that step are gone).
+    """
+    latest, self._resumed_after = self._resumed_after, None
+    if latest is None or step <= latest:
+      return
+    lost = range((latest // self.every + 1) * self.every, step, self.every)
+    if lost:
+      warnings.warn(
+          f"The snapshots of step {_shown_steps(lost)} are not in "
+          f"{self.directory!r}: the earlier run ended before writing them, "
+          f"and this run starts after them (step {step}), so they cannot be "
+          "written again; `synthesize` uses the others (a coarser fit). To "
+          f"have them, resume from a checkpoint at or before step {lost[0]}. "
+          "Call `snapshotter.wait_until_finished()` before saving each "
+          "checkpoint, so that no checkpoint finishes before the snapshots "
+          "it follows.",
+          stacklevel=3,
+      )
+
+  def _raise_failed(self, wait: bool = False) -> None:
+    """Raise the failure of a snapshot written in the background, if any.
+
+    Without `wait`, a write under way is not waited for (it is asked again
+    at the next call). Which steps failed is read from the disk: a step
+    started and not there.
+    """
     try:
-      self._manager.check_for_errors()
+      _raise_background_error(self._manager, wait)
     except Exception as e:
-      # The failed step is not on disk: forget it, so that it can be redone.
+      # The failed steps are not on disk: forget them, so they can be redone.
       self._manager.reload()
       lost = self._saved - set(self._manager.all_steps())
+      if not lost:
+        return  # an error already raised, raised again to another thread
       self._saved -= lost
       self._last = None
       raise _failed_save(
@@ -755,7 +885,6 @@ class Snapshotter:
 
   def _save(self, state: _state.MultiEmaState, expected: int | None) -> int | None:
     step = int(state.count)
-    self._check_power(state, step)
     if expected is not None and expected != step:
       raise ValueError(
           f"`step={expected}` but the EMA state has seen {step} updates. Pass "
@@ -809,6 +938,9 @@ class Snapshotter:
         lambda e: _as_saved(e, self.dtype), state.ema,
         is_leaf=lambda x: x is None,
     )
+    # Orbax waits for the write under way before it starts this one, and
+    # raises that write's failure: raised here, for the step that failed.
+    self._raise_failed(wait=True)
     try:
       # Orbax creates the step's directory in the background: a directory
       # that cannot take it fails here, before the save is reported.
@@ -883,19 +1015,17 @@ class Snapshotter:
 
     Raises:
       RuntimeError: when one could not be written (see `maybe_save`).
+      ValueError: in a process forked from the one that built it.
 
     Examples:
       >>> import tempfile, ema_jax
       >>> ema_jax.posthoc.Snapshotter(tempfile.mkdtemp(), every=10).wait_until_finished()
     """
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       if self._closed:
         return  # close() waited
-      try:
-        self._manager.wait_until_finished()
-      except Exception:
-        pass  # raised below, with the step and the directory
-      self._raise_failed()
+      self._raise_failed(wait=True)
 
   def close(self) -> None:
     """Snapshot the last step seen if it has none, finish writing, release Orbax.
@@ -909,7 +1039,8 @@ class Snapshotter:
     Raises:
       ValueError: when the last state seen has been donated since (save
         the final state with `save(opt_state)` before closing), or is below
-        the latest snapshot on disk (see `save`).
+        the latest snapshot on disk (see `save`), and in a process forked
+        from the one that built it.
       RuntimeError: when a snapshot could not be written (see `maybe_save`).
 
     Examples:
@@ -931,11 +1062,12 @@ class Snapshotter:
     self._close(tail=self.save_on_close)
 
   def _close(self, tail: bool) -> None:
+    self._check_process()  # before the mutex: a thread may have held it at fork
     with self._mutex:
       if self._closed:
         return
       try:
-        self._raise_failed()
+        self._raise_failed(wait=True)
         if tail and self._last is not None and self._last[0] not in self._saved:
           step, state = self._last
           if any(
@@ -949,11 +1081,7 @@ class Snapshotter:
                 "`close()`, or build the Snapshotter with `save_on_close=False`."
             )
           self._save(state, step)
-        try:
-          self._manager.wait_until_finished()
-        except Exception:
-          pass  # raised below, with the step and the directory
-        self._raise_failed()
+        self._raise_failed(wait=True)
       finally:
         # Whatever failed above: Orbax's threads end and the lock is dropped,
         # so that the process can exit and another writer take over.

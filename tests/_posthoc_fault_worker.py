@@ -25,6 +25,24 @@ import ema_jax
 STEPS, EVERY, CHECKPOINT_EVERY = 43, 5, 7  # snapshots 5, 10, ..., 40 and 43
 
 
+def slow_snapshot(step: int, seconds: float) -> None:
+  """Make the write of snapshot `step` end `seconds` late (a loaded disk), so
+  that a checkpoint started after it can finish first."""
+  import asyncio
+
+  from orbax.checkpoint._src.path import atomicity
+
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  target = os.path.join("snapshots", str(step))
+
+  async def slow(self, *args, **kwargs):
+    if str(self.get_final()).endswith(target):
+      await asyncio.sleep(seconds)
+    return await finalize(self, *args, **kwargs)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = slow
+
+
 def snapshot_dir(directory: str) -> str:
   return os.path.join(directory, "snapshots")
 
@@ -66,6 +84,9 @@ def run(directory: str, log=None) -> None:
     params, opt_state = train_step(params, opt_state, jnp.int32(t))
     snapshotter.maybe_save(opt_state, step=t)
     if t % CHECKPOINT_EVERY == 0:
+      # The snapshots first: a checkpoint that finished before them would be
+      # resumed from with a snapshot lost for good (docs/posthoc.md).
+      snapshotter.wait_until_finished()
       checkpoints.save(
           t, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state})
       )
@@ -78,4 +99,7 @@ def run(directory: str, log=None) -> None:
 
 
 if __name__ == "__main__":
+  if os.environ.get("EMA_JAX_SLOW_SNAPSHOT"):  # "<step>:<seconds>"
+    step, seconds = os.environ["EMA_JAX_SLOW_SNAPSHOT"].split(":")
+    slow_snapshot(int(step), float(seconds))
   run(sys.argv[1], log=sys.stdout)

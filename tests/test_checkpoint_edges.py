@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,29 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_save(tmp_path):
       f"save 2 raised The checkpoint of step 2 could not be written to '{directory}': "
       "NotADirectoryError"), lines
   assert lines[-1] == "exiting", lines
+
+
+def test_a_write_failing_in_orbax_thread_is_raised_by_the_next_save(tmp_path, monkeypatch):
+  # Orbax's finalize thread takes its checkpointer's error: `check_for_errors`
+  # misses it, only `wait_until_finished` raises it (once).
+  from test_posthoc_writers import fail_finalizing
+
+  fail_finalizing(monkeypatch, [1])
+  state = TrainState.create(apply_fn=None, params=jnp.zeros(2),
+                            tx=optax.chain(optax.sgd(0.1), ema_jax.ema(0.9)))
+  with ocp.CheckpointManager(tmp_path) as manager:
+    assert ema_jax.flax.save_checkpoint(manager, 1, state)
+    for _ in range(6000):  # until the write is over, a minute at most
+      if not manager.is_saving_in_progress():
+        break
+      threading.Event().wait(0.01)
+    with pytest.raises(RuntimeError, match=(
+        rf"An earlier asynchronous checkpoint could not be written to '{tmp_path}': "
+        r"OSError: \[Errno 28\] No space left on device")):
+      ema_jax.flax.save_checkpoint(manager, 2, state)
+    assert ema_jax.flax.save_checkpoint(manager, 3, state)
+    manager.wait_until_finished()
+    assert manager.all_steps() == [3]
 
 
 # --- snapshots of complex params, and `like` of another kind -------------------------

@@ -422,7 +422,7 @@ def test_errors_name_the_argument(tmp_path):
   with pytest.raises(ValueError, match="last updated at step 0"):
     snapshotter.save(state)
   other = ema_jax.multi_ema([0.9, 0.99, 0.999]).init(params)
-  with pytest.raises(ValueError, match="holds 3 averages"):
+  with pytest.raises(ValueError, match="records no power profile"):
     snapshotter.save(other)
   with pytest.raises(ValueError, match="not the `MultiEmaState`"):
     snapshotter.save(ema_jax.ema(0.9).init(params))
@@ -562,33 +562,6 @@ def test_every_redone_step_is_compared_not_only_the_first(tmp_path):
       target = {"w": jnp.full(3, t + (0.5 if t > 150 else 0.0), jnp.float32)}
       _, state = tx.update(params, state, target)
       assert not snapshotter.maybe_save(state, step=t)  # 100 matches: kept
-  snapshotter.close()
-
-
-@pytest.mark.parametrize("update_every", [1, 2])
-def test_a_multi_ema_of_other_decays_is_refused_at_its_first_update(tmp_path, update_every):
-  params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
-  target = {"w": jnp.arange(3.0), "b": jnp.ones(2)}
-  snapshotter = posthoc.Snapshotter(
-      tmp_path, every=2 * update_every, update_every=update_every)
-  other = ema_jax.multi_ema([0.9, 0.99], update_every=update_every)
-  state = other.init(params)
-  for t in range(1, update_every):
-    _, state = other.update(params, state, target)
-    assert not snapshotter.maybe_save(state, step=t)  # no update yet: unknown
-  _, state = other.update(params, state, target)
-  with pytest.raises(ValueError, match=(
-      rf"not `Snapshotter.ema\(\)`'s: after its first update \(step {update_every}\) "
-      r"its averages differ at leaf \['b'\].*snapshotter.ema\(\)")):
-    snapshotter.maybe_save(state, step=update_every)
-  with pytest.raises(ValueError, match="not `Snapshotter.ema"):
-    snapshotter.save(state)
-  # The power pair of `ema()` passes, with the same params and targets.
-  tx = snapshotter.ema()
-  state = tx.init(params)
-  for t in range(1, update_every + 1):
-    _, state = tx.update(params, state, target)
-    assert not snapshotter.maybe_save(state, step=t)
   snapshotter.close()
 
 

@@ -36,8 +36,8 @@ def load_worker():
   return module
 
 
-def start(directory: pathlib.Path) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def start(directory: pathlib.Path, **extra: str) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
   env["PYTHONPATH"] = os.pathsep.join(
       [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
   )
@@ -47,19 +47,21 @@ def start(directory: pathlib.Path) -> subprocess.Popen:
   )
 
 
-def run_until(directory, rng, steps, kill: bool) -> str:
-  """Run the worker; with `kill`, SIGKILL it at a random step plus a random delay."""
-  proc = start(directory)
+def run_until(directory, rng, steps, kill: bool, at=None, delay=None, **env) -> str:
+  """Run the worker; with `kill`, SIGKILL it after step `at` plus `delay`
+  seconds (by default a random step and delay)."""
+  proc = start(directory, **env)
   deadline = time.monotonic() + TIMEOUT_S
   try:
     first = proc.stdout.readline().split()
     assert first[:1] == ["start"], proc.communicate()[1][-3000:]
     resumed = int(first[1])
-    at = int(rng.integers(resumed + 1, steps + 1))
+    if at is None:
+      at = int(rng.integers(resumed + 1, steps + 1))
     for line in proc.stdout:
       assert time.monotonic() < deadline, "the worker hangs"
       if kill and line.split() == ["step", str(at)]:
-        time.sleep(float(rng.uniform(0.0, 0.1)))
+        time.sleep(float(rng.uniform(0.0, 0.1)) if delay is None else delay)
         os.kill(proc.pid, signal.SIGKILL)
         break
     proc.wait(timeout=TIMEOUT_S)
@@ -120,3 +122,20 @@ def test_killed_snapshot_writers_resume_bit_exact(tmp_path):
   got, want = synthesized(worker.snapshot_dir(str(run))), synthesized(ref_dir)
   for sigma in got:
     np.testing.assert_array_equal(got[sigma], want[sigma], err_msg=f"{sigma}; {where}")
+
+
+def test_a_checkpoint_never_finishes_before_the_snapshots_it_follows(tmp_path):
+  # Snapshot 40's write ends 3 s late; the checkpoint of step 42 is started
+  # after it. Killed 1 s after step 42, the run must not leave checkpoint 42
+  # on disk without snapshot 40: resumed from 42, it could never redo 40.
+  # (Without `wait_until_finished` before the checkpoint, it did.)
+  worker = load_worker()
+  rng = np.random.default_rng(0)
+  run_until(tmp_path, rng, worker.STEPS, kill=True, at=42, delay=1.0,
+            EMA_JAX_SLOW_SNAPSHOT="40:3")
+  checkpoints = steps_on_disk(tmp_path / "checkpoints")
+  snapshots = steps_on_disk(worker.snapshot_dir(str(tmp_path)))
+  # Every snapshot up to the checkpoint a resumed run starts from is there.
+  assert set(range(5, checkpoints[-1] + 1, 5)) <= set(snapshots), (checkpoints, snapshots)
+  run_until(tmp_path, rng, worker.STEPS, kill=False)
+  assert steps_on_disk(worker.snapshot_dir(str(tmp_path))) == (*range(5, 41, 5), 43)

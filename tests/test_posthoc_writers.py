@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,17 @@ def test_a_second_writer_in_this_process_is_refused_until_the_first_closes(tmp_p
     assert again.steps == (2, 4)
 
 
+def test_a_second_writer_in_this_process_is_refused_without_flock(tmp_path, monkeypatch):
+  # On NFS, Linux emulates flock with POSIX locks, which one process never
+  # conflicts with itself on: this process's own record refuses it.
+  monkeypatch.setattr(posthoc.fcntl, "flock", lambda *args: None)
+  first = posthoc.Snapshotter(tmp_path, every=2)
+  with pytest.raises(ValueError, match=r"in use by another Snapshotter.*this process"):
+    posthoc.Snapshotter(tmp_path / ".." / tmp_path.name, every=2)  # another spelling
+  first.close()
+  posthoc.Snapshotter(tmp_path, every=2).close()
+
+
 HOLDER = """
 import sys, time, ema_jax
 s = ema_jax.posthoc.Snapshotter(sys.argv[1], every=2)
@@ -94,6 +107,66 @@ def test_a_second_writer_in_another_process_is_refused_and_a_crash_frees_it(tmp_
   with posthoc.Snapshotter(tmp_path, every=2) as taken:
     track(taken, 2)
   assert taken.steps == (2,)
+
+
+FORKED = """
+import os, signal, sys, time, jax.numpy as jnp, ema_jax
+directory = sys.argv[1]
+s = ema_jax.posthoc.Snapshotter(directory, every=1)
+tx = s.ema()
+params = jnp.zeros(3)
+_, state = tx.update(params, tx.init(params), params + 1)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # the child touches no JAX: only the Snapshotter's methods
+  os.close(r)
+  out = []
+  for name, call in [("maybe_save", lambda: s.maybe_save(state, step=1)),
+                     ("save", lambda: s.save(state)),
+                     ("wait_until_finished", s.wait_until_finished),
+                     ("close", s.close)]:
+    try:
+      call()
+      out.append(name + " wrote")
+    except ValueError as e:
+      out.append(name + " refused: " + str(e).splitlines()[0])
+  os.write(w, ("\\n".join(out) + "\\n").encode())
+  os.close(w)
+  time.sleep(120)  # alive while the parent closes and another run takes over
+  os._exit(0)
+os.close(w)
+with os.fdopen(r) as lines:
+  for line in lines:
+    print("child", line.strip(), flush=True)
+try:
+  print("parent saved", s.maybe_save(state, step=1), flush=True)
+  s.close()  # the parent's Snapshotter is unharmed, and releases the lock
+  print("parent closed", s.steps, flush=True)
+  with ema_jax.posthoc.Snapshotter(directory, every=1, existing="resume") as again:
+    print("taken over while the child lives", again.steps, flush=True)
+finally:
+  os.kill(pid, signal.SIGKILL)
+  os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_child_cannot_write_and_holds_no_lock(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-W", "ignore", "-c", FORKED, str(tmp_path)], env=env(),
+      cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  refused = (
+      rf"refused: This Snapshotter of '{tmp_path}' belongs to process \d+; "
+      r"process \d+ is a child forked from it"
+  )
+  for line, name in zip(lines, ["maybe_save", "save", "wait_until_finished", "close"]):
+    assert re.fullmatch(rf"child {name} {refused}.*", line), lines
+  assert lines[4:] == [
+      "parent saved True", "parent closed (1,)", "taken over while the child lives (1,)",
+  ], (
+      lines, proc.stderr[-3000:])
 
 
 # --- threads -----------------------------------------------------------------------
@@ -216,6 +289,85 @@ def test_a_write_failing_in_the_background_is_raised_by_the_next_call(tmp_path, 
   assert 2 not in snapshotter._saved  # so that it can be written again
   monkeypatch.undo()
   snapshotter.close()
+
+
+def fail_finalizing(monkeypatch, steps):
+  """Orbax's background write of `steps` fails as it finishes (a full disk)."""
+  from orbax.checkpoint._src.path import atomicity
+
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def failing(self, *args, **kwargs):
+    if self.get_final().name in {str(s) for s in steps}:
+      raise OSError(28, "No space left on device")
+    return await finalize(self, *args, **kwargs)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", failing)
+
+
+def finished(snapshotter):
+  """Wait, without asking the Snapshotter, until Orbax's write is over."""
+  for _ in range(TIMEOUT_S * 100):
+    if not snapshotter._manager.is_saving_in_progress():
+      return
+    threading.Event().wait(0.01)
+  raise AssertionError("the background write never finished")
+
+
+@pytest.mark.parametrize("reported_by", ["maybe_save", "the next save", "close"])
+def test_a_real_background_failure_is_raised_naming_its_step(tmp_path, monkeypatch, reported_by):
+  # Orbax's finalize thread consumes its checkpointer's error: only
+  # `wait_until_finished` raises it, once (`check_for_errors` does not).
+  fail_finalizing(monkeypatch, [2])
+  snapshotter = posthoc.Snapshotter(tmp_path, every=2)
+  tx = snapshotter.ema()
+  params = jnp.zeros(3)
+  states = [tx.init(params)]
+  for t in range(1, 7):
+    states.append(tx.update(params, states[-1], params + t)[1])
+  assert snapshotter.maybe_save(states[2], step=2)  # started
+  finished(snapshotter)
+  failed = rf"The snapshot of step 2 could not be written to '{tmp_path}': OSError: \[Errno 28\]"
+  with pytest.raises(RuntimeError, match=failed):
+    if reported_by == "maybe_save":
+      snapshotter.maybe_save(states[3], step=3)
+    elif reported_by == "the next save":
+      snapshotter.maybe_save(states[4], step=4)
+    else:
+      snapshotter.close()
+  if reported_by != "close":
+    # Reported once; the run goes on, and step 2 can be written again.
+    assert not snapshotter.maybe_save(states[5], step=5)
+    assert snapshotter.maybe_save(states[6], step=6)
+    snapshotter.close()
+    # The save that reported it did not start its own step.
+    assert snapshotter.steps == (6,)
+  else:
+    assert snapshotter.steps == ()
+
+
+def test_a_resumed_run_is_warned_of_snapshots_lost_for_good(tmp_path):
+  params = {"w": jnp.zeros(3)}
+  with posthoc.Snapshotter(tmp_path, every=5, save_on_close=False) as first:
+    track(first, 10)
+  # The process ended while snapshot 15 was written; the checkpoint of step
+  # 17 had finished first. Resumed there, steps 15 cannot be written again.
+  again = posthoc.Snapshotter(tmp_path, every=5, existing="resume")
+  tx = again.ema()
+  state = tx.init(params)
+  for t in range(1, 18):
+    _, state = tx.update(params, state, jax.tree.map(lambda p: p + t, params))
+  with pytest.warns(UserWarning, match=(
+      r"snapshots of step 15 are not in .* this run starts after them \(step 17\).*"
+      r"checkpoint at or before step 15.*wait_until_finished")):
+    assert not again.maybe_save(state, step=17)
+  again.close()
+  assert again.steps == (5, 10, 17)
+  # Resumed at the latest snapshot or before it: nothing is lost, no warning.
+  with posthoc.Snapshotter(tmp_path, every=5, existing="resume") as last:
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      assert last.save(state) is None
 
 
 def test_calls_after_close_are_refused(tmp_path):

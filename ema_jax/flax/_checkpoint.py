@@ -92,7 +92,9 @@ def save_checkpoint(
     item = _nnx_item(cast(nnx.Module, target), cast(nnx.Optimizer, optimizer))
   posthoc._check_orbax_names(item, f"Cannot checkpoint step {step}")
   where = f"The checkpoint of step {step}"
-  _check_earlier(manager, manager.check_for_errors)
+  # An earlier write that failed in Orbax's thread, once it is over (one
+  # under way is waited for by Orbax's own save, and raised there).
+  _check_earlier(manager, lambda: posthoc._raise_background_error(manager, wait=False))
   try:
     if "://" not in str(manager.directory):
       # Orbax creates the step's directory in the background: a local
