@@ -376,7 +376,10 @@ def reset(
   another seed. Averages restarted after an update are no longer power
   functions of the steps: the state loses its `power_profile` then (and
   under `jit`, where the count is not known), so
-  `ema_jax.posthoc.Snapshotter` refuses to snapshot it.
+  `ema_jax.posthoc.Snapshotter` refuses to snapshot it. The profile is
+  static (in the tree structure), so the two branches of a `lax.cond` that
+  resets such a state in one branch only differ in structure, and JAX
+  refuses the cond: reset outside it, or in both branches.
 
   Args:
     opt_state: an EMA state or any optax state holding one, not swapped.
