@@ -302,18 +302,24 @@ def test_benchmark_smoke_mode_runs(tmp_path):
   per_round = [a / b for a, b in zip(samples[ours], samples[base])]
   assert ratio == pytest.approx(statistics.median(per_round))  # paired, per round
   # Time to the first step: one fresh process per case and round.
-  step, entry = report["first"]
+  step, entry, calls = report["first"]
   assert set(step["cases"]) == set(first_step.STEP_CASES)
   assert set(entry["cases"]) == set(first_step.ENTRY_CASES)
-  for group in (step, entry):
+  assert set(calls["cases"]) == set(first_step.CALL_CASES)
+  for group in (step, entry, calls):
     for name, c in group["cases"].items():
       assert len(c["samples"]) == group["rounds"] == 1
-      assert c["trace_lower_s"]["median"] > 0 and c["compile_s"]["median"] > 0
-      totals = [s["trace_lower_s"] + s["compile_s"] for s in c["samples"]]
+      if group is calls:  # a whole first call, not trace and compile apart
+        assert c["first_call_s"]["median"] > 0 and "compile_s" not in c
+        totals = [s["first_call_s"] for s in c["samples"]]
+      else:
+        assert c["trace_lower_s"]["median"] > 0 and c["compile_s"]["median"] > 0
+        totals = [s["trace_lower_s"] + s["compile_s"] for s in c["samples"]]
       if "base" in c:
-        base_totals = [s["trace_lower_s"] + s["compile_s"]
-                       for s in group["cases"][c["base"]]["samples"]]
+        base_totals = [first_step.total_s(s) for s in group["cases"][c["base"]]["samples"]]
         assert c["ratio"]["median"] == pytest.approx(totals[0] / base_totals[0])
+  assert all(calls["cases"][name]["base"] == first_step.FLOORS[name]
+             for name in first_step.CALL_CASES if name in first_step.FLOORS)
   ours = step["cases"]["ema()"]
   assert ours["base"] == first_step.STEP_BASE and "overhead_vs_by_hand" in ours
   assert entry["cases"]["swap"]["base"] == first_step.ENTRY_BASE
