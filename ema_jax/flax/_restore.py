@@ -390,6 +390,20 @@ def saved_specs(metadata_tree: Any) -> dict[str, Any]:
   }
 
 
+def _saved_sharding(meta: Any) -> Any:
+  """The sharding a leaf was saved with, from the metadata already read.
+
+  For a template leaf without one (an abstract template), Orbax would read
+  the whole checkpoint's metadata again to find it; `None` (Orbax then
+  decides, and names a topology mismatch) when it does not fit the devices.
+  """
+  saved = getattr(meta, "sharding", None)
+  try:
+    return None if saved is None else saved.to_jax_sharding()
+  except ValueError:
+    return None
+
+
 def read(
     manager: Any,
     step: int,
@@ -418,7 +432,7 @@ def read(
     shape = tuple(getattr(meta, "shape", leaf.shape))
     return jax.ShapeDtypeStruct(
         shape if shape == _state.SWAPPED_COUNT_SHAPE else leaf.shape,
-        leaf.dtype, sharding=getattr(leaf, "sharding", None),
+        leaf.dtype, sharding=getattr(leaf, "sharding", None) or _saved_sharding(meta),
     )
 
   item = jax.tree_util.tree_map_with_path(target, metadata_tree)
