@@ -322,7 +322,7 @@ def test_benchmark_smoke_mode_runs(tmp_path):
              for name in first_step.CALL_CASES if name in first_step.FLOORS)
   ours = step["cases"]["ema()"]
   assert ours["base"] == first_step.STEP_BASE and "overhead_vs_by_hand" in ours
-  assert entry["cases"]["swap"]["base"] == first_step.ENTRY_BASE
+  assert entry["cases"]["swap"]["base"] == first_step.SWAP_BASE
 
 
 def test_fused_update_refuses_a_concrete_decay_outside_unit_interval():
