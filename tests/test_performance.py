@@ -457,3 +457,11 @@ def test_synthesized_sum_traces_a_constant_number_of_ops_per_leaf():
 
   for averages in (1, 2, 8):
     assert ops(averages, 20) - ops(averages, 10) == 10 * 5, averages
+
+
+def test_jitted_swap_lowers_to_its_output_trees_by_hand():
+  # `swap` computes nothing: jitted, it is the rearrangement written by hand
+  # (its first-step floor in benchmarks/first_step.py), op for op.
+  by_hand = first_step.lower(first_step.SWAP_BASE, 10).as_text()
+  ours = first_step.lower("swap", 10).as_text()
+  assert first_step.count_ops(ours) == first_step.count_ops(by_hand) == 1  # the count's reshape
