@@ -19,9 +19,27 @@ Cases, by group:
   entry  the jitted entry points `swap`, `ema_params`, `blend`, `reset` over
          an `ema()` state, beside their floor: a jitted identity over the same
          trees (`reset`'s floor also copies the params into the average's
-         place; `blend`'s is the same arithmetic written with `jax.tree.map`).
+         place; `blend`'s is the same arithmetic written with `jax.tree.map`;
+         `swap`'s returns its output trees, rearranged by hand: the swapped
+         state holds the raw params beside the average, one tree more).
+  calls  entry points that read files or run eagerly, timed as one whole
+         first call (`first_call_s`: everything from the call to its results
+         ready, tracing and compiling included) beside their floor, over
+         `leaves` float32 leaves of 8x8 (small in bytes: the files are
+         written once per run by `--setup`, untimed):
+         `ema_jax.flax.restore_checkpoint` of an Adam + `ema()` Linen
+         `TrainState` into an abstract template, beside plain Orbax
+         (`CheckpointManager.restore` with `StandardRestore` of the same
+         template); `ema_jax.posthoc.synthesize` from two snapshots of two
+         widths, beside one pass over them (each read with plain Orbax, then a
+         jitted weighted sum written by hand); `SwapEMAWeights` swapping the
+         EMA in and back out (`on_test_begin`, `on_test_end`) of a Linen
+         `TrainState`, beside a jitted identity over (params, opt_state)
+         called twice, and of an NNX model and optimizer, beside `nnx.split`,
+         a jitted identity and `nnx.update`, twice.
 
-Run alone: `python benchmarks/first_step.py CASE LEAVES`.
+Run alone: `python benchmarks/first_step.py CASE LEAVES [DIR]`, after
+`python benchmarks/first_step.py --setup DIR LEAVES` for the `calls` group.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -47,6 +66,7 @@ STEP_BASE = "without EMA"
 BY_HAND = "by hand: optax.incremental_update + a count"
 NNX_BASE = "nnx: without EMA"
 ENTRY_BASE = "floor: jitted identity over (params, state)"
+SWAP_BASE = "floor: jitted, swap's output trees by hand"
 RESET_BASE = "floor: jitted identity, params copied into the state"
 BLEND_BASE = "floor: alpha * ema + (1 - alpha) * params by hand"
 
@@ -124,6 +144,12 @@ def _entry(name: str, params: Any) -> Built:
       BLEND_BASE: (
           lambda p, s: jax.tree.map(lambda e, x: 0.5 * e + 0.5 * x, s[1].ema, p),
           (params, state)),
+      # What `swap` returns, rearranged by hand: one tree more than it takes
+      # (the raw params beside the average) and the average twice.
+      SWAP_BASE: (
+          lambda p, s: (s[1].ema, (s[0], ema_jax.SwappedEmaState(
+              s[1].count.reshape(1), s[1].ema, p, None, None))),
+          (params, state)),
       "swap": (ema_jax.swap, (params, state)),
       "ema_params": (lambda s: ema_jax.ema_params(s), (state,)),
       "blend": (lambda p, s: ema_jax.blend(p, s, 0.5), (params, state)),
@@ -131,6 +157,172 @@ def _entry(name: str, params: Any) -> Built:
   }
   f, args = fns[name]
   return f, args, ()
+
+# --------------------------------------------------------------------------
+# Whole first calls (the `calls` group), over small leaves.
+
+CALL_SHAPE = (8, 8)
+RESTORE_BASE = "floor: plain Orbax StandardRestore"
+SYNTH_BASE = "floor: plain Orbax reads + a jitted weighted sum"
+HOOK_BASE = "floor: jitted identity over (params, opt_state), twice"
+NNX_HOOK_BASE = "floor: nnx.split, jitted identity, nnx.update, twice"
+RESTORE = "restore_checkpoint"
+SYNTH = "synthesize (2 snapshots)"
+HOOK = "SwapEMAWeights in + out (Linen)"
+NNX_HOOK = "SwapEMAWeights in + out (NNX)"
+SNAPSHOT_EVERY = 1
+# The weights of the floor's sum: any fixed numbers (the floor does not solve).
+SYNTH_WEIGHTS = (0.1, 0.2, 0.3, 0.4)
+
+
+def _small(leaves: int) -> dict[str, Any]:
+  return {f"w{i:05d}": jnp.zeros(CALL_SHAPE, jnp.float32) for i in range(leaves)}
+
+
+def _linen_state(leaves: int) -> Any:
+  from flax.training.train_state import TrainState
+
+  tx = optax.chain(optax.adam(1e-3), ema_jax.ema(DECAY))
+  # Eagerly, as users build it (jitted, compiling it at 10,000 leaves takes
+  # 13 GB of memory).
+  return TrainState.create(apply_fn=None, params=_small(leaves), tx=tx)
+
+
+def _nnx_pair(leaves: int) -> Any:
+  from flax import nnx
+
+  class Holder(nnx.Module):
+    def __init__(self) -> None:
+      self.ws = nnx.List([nnx.Param(jnp.zeros(CALL_SHAPE)) for _ in range(leaves)])
+
+  tx = optax.chain(optax.adam(1e-3), ema_jax.ema(DECAY))
+  model = Holder()
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def setup(directory: str, leaves: int) -> None:
+  """Write the checkpoint and the two snapshots the `calls` group reads."""
+  import orbax.checkpoint as ocp
+  import ema_jax.flax
+
+  state = _linen_state(leaves)
+  with ocp.CheckpointManager(os.path.join(directory, "checkpoint")) as manager:
+    ema_jax.flax.save_checkpoint(manager, 1, state)
+    manager.wait_until_finished()
+  snaps = ema_jax.posthoc.Snapshotter(os.path.join(directory, "snapshots"),
+                                      every=SNAPSHOT_EVERY)
+  tx = snaps.ema()
+  params = _small(leaves)
+  # Eagerly: jitting this `multi_ema`'s init or update at 10,000 leaves took
+  # over 10 minutes and 14 GB of memory (jax 0.10.2, 2-core VM).
+  opt_state = tx.init(params)
+  with snaps:
+    for _ in range(2):
+      opt_state = tx.update(params, opt_state, params)[1]
+      snaps.maybe_save(opt_state)
+
+
+def _abstract_state(leaves: int) -> Any:
+  from flax.training.train_state import TrainState
+
+  tx = optax.chain(optax.adam(1e-3), ema_jax.ema(DECAY))
+  return jax.eval_shape(lambda: TrainState.create(apply_fn=None, params=_small(leaves), tx=tx))
+
+
+def _restore(case: str, directory: str, leaves: int) -> Callable[[], Any]:
+  import orbax.checkpoint as ocp
+  import ema_jax.flax
+
+  template = _abstract_state(leaves)
+  path = os.path.join(directory, "checkpoint")
+
+  def ours() -> Any:
+    with ocp.CheckpointManager(path) as manager:
+      return ema_jax.flax.restore_checkpoint(manager, template)
+
+  def plain() -> Any:
+    with ocp.CheckpointManager(path) as manager:
+      return manager.restore(1, args=ocp.args.StandardRestore(template))
+
+  return ours if case == RESTORE else plain
+
+
+def _synthesize(case: str, directory: str, leaves: int) -> Callable[[], Any]:
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(directory, "snapshots")
+  like = jax.eval_shape(lambda: _small(leaves))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  stacked = {k: jax.ShapeDtypeStruct((2, *CALL_SHAPE), jnp.float32, sharding=device)
+             for k in like}
+
+  def ours() -> Any:
+    return ema_jax.posthoc.synthesize(path, 0.2, like=like)
+
+  @jax.jit
+  def weighted(a: Any, b: Any) -> Any:
+    w = SYNTH_WEIGHTS
+    return jax.tree.map(lambda x, y: w[0] * x[0] + w[1] * x[1] + w[2] * y[0] + w[3] * y[1],
+                        a, b)
+
+  def plain() -> Any:
+    with ocp.CheckpointManager(path) as manager:
+      read = [manager.restore(step, args=ocp.args.Composite(
+                  ema=ocp.args.StandardRestore({"ema": stacked}))).ema["ema"]
+              for step in sorted(manager.all_steps())]
+    return weighted(*read)
+
+  return ours if case == SYNTH else plain
+
+
+def _hook(case: str, leaves: int) -> tuple[Callable[[], Any], Any]:
+  import ema_jax.flax
+
+  hook = ema_jax.flax.SwapEMAWeights()
+  if case in (HOOK, HOOK_BASE):
+    state = _linen_state(leaves)
+    identity = jax.jit(lambda p, s: (p, s))
+
+    def ours() -> Any:
+      return hook.on_test_end(hook.on_test_begin(state))
+
+    def plain() -> Any:
+      params, opt_state = identity(*identity(state.params, state.opt_state))
+      return state.replace(params=params, opt_state=opt_state)
+
+    return (ours if case == HOOK else plain), state
+  from flax import nnx
+
+  model, optimizer = _nnx_pair(leaves)
+  identity = jax.jit(lambda s: s)
+
+  def ours_nnx() -> Any:
+    hook.on_test_begin(model, optimizer)
+    hook.on_test_end(model, optimizer)
+    return nnx.state((model, optimizer))
+
+  def plain_nnx() -> Any:
+    for _ in range(2):
+      _, state = nnx.split((model, optimizer))
+      nnx.update((model, optimizer), identity(state))
+    return nnx.state((model, optimizer))
+
+  return (ours_nnx if case == NNX_HOOK else plain_nnx), None
+
+
+def measure_call(case: str, leaves: int, directory: str) -> dict[str, Any]:
+  """One whole first call of `case` (files read, traced, compiled, run)."""
+  t0 = time.perf_counter()
+  if case in (RESTORE, RESTORE_BASE):
+    f = _restore(case, directory, leaves)
+  elif case in (SYNTH, SYNTH_BASE):
+    f = _synthesize(case, directory, leaves)
+  else:
+    f, _ = _hook(case, leaves)
+  t1 = time.perf_counter()
+  jax.block_until_ready(f())
+  t2 = time.perf_counter()
+  return {"build_s": t1 - t0, "first_call_s": t2 - t1}
 
 
 def build(case: str, leaves: int, dtype: Any = jnp.float32) -> Built:
@@ -155,10 +347,20 @@ def build(case: str, leaves: int, dtype: Any = jnp.float32) -> Built:
 
 STEP_CASES = (STEP_BASE, BY_HAND, "ema()", "ema(warmup_decay, debias, update_every=2)",
               "multi_ema((0.999, 0.9999))", NNX_BASE, "nnx.EMA")
-ENTRY_CASES = (ENTRY_BASE, "swap", "ema_params", BLEND_BASE, "blend", RESET_BASE, "reset")
+ENTRY_CASES = (ENTRY_BASE, SWAP_BASE, "swap", "ema_params", BLEND_BASE, "blend", RESET_BASE, "reset")
+CALL_CASES = (RESTORE_BASE, RESTORE, SYNTH_BASE, SYNTH, HOOK_BASE, HOOK, NNX_HOOK_BASE,
+              NNX_HOOK)
 # case -> the case whose time it is judged against
-FLOORS = {"reset": RESET_BASE, "swap": ENTRY_BASE, "ema_params": ENTRY_BASE,
-          "blend": BLEND_BASE}
+FLOORS = {"reset": RESET_BASE, "swap": SWAP_BASE, "ema_params": ENTRY_BASE,
+          "blend": BLEND_BASE, RESTORE: RESTORE_BASE, SYNTH: SYNTH_BASE, HOOK: HOOK_BASE,
+          NNX_HOOK: NNX_HOOK_BASE}
+
+
+def total_s(sample: dict[str, Any]) -> float:
+  """A sample's time to the first step: its whole first call, or trace + compile."""
+  if "first_call_s" in sample:
+    return float(sample["first_call_s"])
+  return float(sample["trace_lower_s"] + sample["compile_s"])
 
 
 def count_ops(text: str) -> int:
@@ -185,4 +387,12 @@ def measure(case: str, leaves: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
+  if sys.argv[1] == "--setup":
+    setup(sys.argv[2], int(sys.argv[3]))
+  elif sys.argv[1] in CALL_CASES:
+    directory = sys.argv[3] if len(sys.argv) > 3 else tempfile.mkdtemp()
+    if len(sys.argv) <= 3:
+      setup(directory, int(sys.argv[2]))
+    print(json.dumps(measure_call(sys.argv[1], int(sys.argv[2]), directory)))
+  else:
+    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))

@@ -19,8 +19,11 @@ Sections:
   first    time to the first step (trace + lower, and compile) for 10 to
            10,000 leaves, each sample a fresh process (benchmarks/first_step.py):
            the EMA's overhead over a step without it beside `incremental_update`
-           by hand's and `nnx.EMA`'s, and the jitted entry points beside a
-           jitted identity over the same trees. Ratios paired within rounds.
+           by hand's and `nnx.EMA`'s, the jitted entry points beside a
+           jitted identity over the same trees, and the whole first call of
+           `restore_checkpoint`, `synthesize` and the Flax hook beside plain
+           Orbax, one pass over the snapshots and a jitted identity. Ratios
+           paired within rounds.
 
 The table goes to stdout; the JSON (every sample, machine, versions, XLA's
 bytes and temporaries per step) to benchmarks/results/ (git-ignored) or
@@ -79,7 +82,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -594,14 +599,22 @@ def first_step_group(cases: tuple[str, ...], leaves: int, rounds: int) -> dict[s
   """Fresh-process samples of `cases` at `leaves`, with each case's overhead
   over its baseline and its ratio to its floor, paired within rounds."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "first_step.py")
-  samples = fresh_rounds(script, list(cases), [str(leaves)], rounds)
-  total = {k: [s["trace_lower_s"] + s["compile_s"] for s in v] for k, v in samples.items()}
+  with tempfile.TemporaryDirectory() as directory:
+    args = [str(leaves)]
+    if set(cases) & set(first_step.CALL_CASES):
+      # The files the whole-call cases read: written once, untimed.
+      subprocess.run([sys.executable, script, "--setup", directory, str(leaves)], check=True,
+                     capture_output=True)
+      args.append(directory)
+    samples = fresh_rounds(script, list(cases), args, rounds)
+  total = {k: [first_step.total_s(s) for s in v] for k, v in samples.items()}
   res: dict[str, Any] = {"leaves": leaves, "rounds": rounds,
                          "load_average": list(os.getloadavg()), "cases": {}}
   for name, ss in samples.items():
-    c: dict[str, Any] = {"samples": ss, "ops": ss[0]["ops"]}
-    for key in ("trace_lower_s", "compile_s"):
-      c[key] = quartiles([s[key] for s in ss])
+    c: dict[str, Any] = {"samples": ss}
+    for key in ("trace_lower_s", "compile_s", "first_call_s", "ops"):
+      if key in ss[0]:
+        c[key] = ss[0][key] if key == "ops" else quartiles([s[key] for s in ss])
     c["total_s"] = quartiles(total[name])
     base = (first_step.FLOORS.get(name) if name not in first_step.STEP_CASES else
             first_step.NNX_BASE if name.startswith("nnx") else first_step.STEP_BASE)
@@ -627,8 +640,10 @@ def print_first_table(groups: list[dict[str, Any]]) -> None:
   if not groups:
     return
   counts = sorted({g["leaves"] for g in groups})
-  print("\n### Time to the first step: trace+lower / compile, median over fresh "
-        "processes; (x): total / its baseline's or floor's, paired within rounds")
+  whole = any("first_call_s" in c for g in groups for c in g["cases"].values())
+  print("\n### Time to the first step: " + ("the whole first call" if whole else "trace+lower / compile")
+        + ", median over fresh processes; (x): total / its baseline's or floor's, paired "
+        "within rounds")
   names = list(dict.fromkeys(n for g in groups for n in g["cases"]))
   width = max(len(n) for n in names) + 2
   print("".ljust(width) + "".join(f"{f'{n} leaves':>34}" for n in counts))
@@ -640,7 +655,8 @@ def print_first_table(groups: list[dict[str, Any]]) -> None:
       if c is None:
         cells.append(f"{'not run':>34}")
         continue
-      cell = f"{_fmt_time(c['trace_lower_s']['median'])} / {_fmt_time(c['compile_s']['median'])}"
+      cell = (f"{_fmt_time(c['first_call_s']['median'])}" if "first_call_s" in c else
+              f"{_fmt_time(c['trace_lower_s']['median'])} / {_fmt_time(c['compile_s']['median'])}")
       if "ratio" in c:
         cell += f" ({c['ratio']['median']:.2f}x)"
       if "overhead_vs_by_hand" in c:
@@ -812,8 +828,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated: ema,step,tree,first (default all)")
   parser.add_argument("--first-counts", type=lambda s: [int(float(x)) for x in s.split(",")],
                       help="leaf counts of the first-step section, e.g. 10,1000")
-  parser.add_argument("--first-groups", default="step,entry",
-                      help="groups of the first-step section: step,entry (default both); "
+  parser.add_argument("--first-groups", default="step,entry,calls",
+                      help="groups of the first-step section: step,entry,calls (default all); "
                            "core: the step without EMA, by hand and with ema() only")
   parser.add_argument("--first-rounds", type=int,
                       help="fresh-process rounds of the first-step section (default 5; "
@@ -912,11 +928,13 @@ def main(argv: list[str] | None = None) -> int:
     for leaves in args.first_counts or (SMOKE_FIRST_COUNTS if args.smoke else FIRST_COUNTS):
       rounds_ = args.first_rounds or (1 if args.smoke else 5 if leaves <= 1000 else 3)
       groups = {"step": first_step.STEP_CASES, "entry": first_step.ENTRY_CASES,
+                "calls": first_step.CALL_CASES,
                 "core": first_step.STEP_CASES[:3]}
       for group in args.first_groups.split(","):
         report["first"].append(first_step_group(groups[group], leaves, rounds_))
     print_first_table([g for g in report["first"] if first_step.STEP_BASE in g["cases"]])
     print_first_table([g for g in report["first"] if first_step.ENTRY_BASE in g["cases"]])
+    print_first_table([g for g in report["first"] if first_step.RESTORE_BASE in g["cases"]])
 
   # Tiny sizes say nothing about the targets: smoke mode only checks that it runs.
   lines = [] if args.smoke else targets(report["ema"], report["step"], report["tree"], big)

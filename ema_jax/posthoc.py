@@ -1239,14 +1239,16 @@ class _Reader:
 
 @jax.jit
 def _combine(stacks: list[jax.Array], w: jax.Array) -> list[jax.Array]:
+  # Per leaf one product with the weights broadcast along the stacked axis and
+  # one sum over it: a few operations to trace and compile, whatever the
+  # number of averages (indexing each average costs two per average and leaf).
+  weights = {dtype: w.astype(dtype)
+             for dtype in {_leaves.compute_dtype(s.dtype) for s in stacks}}
   out = []
   for s in stacks:
-    dtype = _leaves.compute_dtype(s.dtype)
-    wd = w.astype(dtype)
-    total = wd[0] * s[0].astype(dtype)
-    for j in range(1, s.shape[0]):
-      total = total + wd[j] * s[j].astype(dtype)
-    out.append(total)
+    wd = weights[_leaves.compute_dtype(s.dtype)]
+    stack = s.astype(wd.dtype)
+    out.append(jnp.sum(jax.lax.broadcast_in_dim(wd, s.shape, (0,)) * stack, axis=0))
   return out
 
 

@@ -302,21 +302,27 @@ def test_benchmark_smoke_mode_runs(tmp_path):
   per_round = [a / b for a, b in zip(samples[ours], samples[base])]
   assert ratio == pytest.approx(statistics.median(per_round))  # paired, per round
   # Time to the first step: one fresh process per case and round.
-  step, entry = report["first"]
+  step, entry, calls = report["first"]
   assert set(step["cases"]) == set(first_step.STEP_CASES)
   assert set(entry["cases"]) == set(first_step.ENTRY_CASES)
-  for group in (step, entry):
+  assert set(calls["cases"]) == set(first_step.CALL_CASES)
+  for group in (step, entry, calls):
     for name, c in group["cases"].items():
       assert len(c["samples"]) == group["rounds"] == 1
-      assert c["trace_lower_s"]["median"] > 0 and c["compile_s"]["median"] > 0
-      totals = [s["trace_lower_s"] + s["compile_s"] for s in c["samples"]]
+      if group is calls:  # a whole first call, not trace and compile apart
+        assert c["first_call_s"]["median"] > 0 and "compile_s" not in c
+        totals = [s["first_call_s"] for s in c["samples"]]
+      else:
+        assert c["trace_lower_s"]["median"] > 0 and c["compile_s"]["median"] > 0
+        totals = [s["trace_lower_s"] + s["compile_s"] for s in c["samples"]]
       if "base" in c:
-        base_totals = [s["trace_lower_s"] + s["compile_s"]
-                       for s in group["cases"][c["base"]]["samples"]]
+        base_totals = [first_step.total_s(s) for s in group["cases"][c["base"]]["samples"]]
         assert c["ratio"]["median"] == pytest.approx(totals[0] / base_totals[0])
+  assert all(calls["cases"][name]["base"] == first_step.FLOORS[name]
+             for name in first_step.CALL_CASES if name in first_step.FLOORS)
   ours = step["cases"]["ema()"]
   assert ours["base"] == first_step.STEP_BASE and "overhead_vs_by_hand" in ours
-  assert entry["cases"]["swap"]["base"] == first_step.ENTRY_BASE
+  assert entry["cases"]["swap"]["base"] == first_step.SWAP_BASE
 
 
 def test_fused_update_refuses_a_concrete_decay_outside_unit_interval():
@@ -436,3 +442,26 @@ def test_update_every_evaluates_the_schedule_on_averaging_updates_only():
       assert sorted(evaluated) == list(range(n - 4, n)), n
     else:  # at most the one step's decay, never the product
       assert len(evaluated) <= 1, (n, evaluated)
+
+
+def test_synthesized_sum_traces_a_constant_number_of_ops_per_leaf():
+  # `synthesize` adds up each snapshot with one jitted program over every
+  # leaf: per leaf a broadcast product and one sum over the stacked averages
+  # (5 ops), whatever their number (indexing each average took 13 for 2, 55 for 8).
+  from ema_jax import posthoc
+
+  def ops(averages: int, leaves: int) -> int:
+    stacks = [jax.ShapeDtypeStruct((averages, 4), jnp.float32)] * leaves
+    w = jax.ShapeDtypeStruct((averages,), jnp.float32)
+    return first_step.count_ops(posthoc._combine.lower(stacks, w).as_text())
+
+  for averages in (1, 2, 8):
+    assert ops(averages, 20) - ops(averages, 10) == 10 * 5, averages
+
+
+def test_jitted_swap_lowers_to_its_output_trees_by_hand():
+  # `swap` computes nothing: jitted, it is the rearrangement written by hand
+  # (its first-step floor in benchmarks/first_step.py), op for op.
+  by_hand = first_step.lower(first_step.SWAP_BASE, 10).as_text()
+  ours = first_step.lower("swap", 10).as_text()
+  assert first_step.count_ops(ours) == first_step.count_ops(by_hand) == 1  # the count's reshape

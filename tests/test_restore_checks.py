@@ -182,6 +182,30 @@ def nnx_train(model, optimizer, steps):
 
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("swapped", [False, True], ids=["raw", "swapped"])
+def test_a_template_without_shardings_reads_the_metadata_once(tmp_path, monkeypatch, swapped):
+  # `jax.eval_shape` gives leaves without a sharding: they come back with the
+  # saved ones, taken from the metadata the checks read (Orbax would read the
+  # whole checkpoint's metadata again to find them: seconds at 10,000 leaves).
+  tx = optax.chain(optax.adam(0.1), ema_jax.ema(0.9))
+  state = trained(tx)
+  save(tmp_path, ema_jax.flax.SwapEMAWeights().on_test_begin(state) if swapped else state)
+  template = jax.eval_shape(lambda: trained(tx, 0))
+  assert all(getattr(x, "sharding", None) is None for x in jax.tree.leaves(template))
+  reads = []
+  metadata = ocp.StandardCheckpointHandler.metadata
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "metadata",
+                      lambda self, d: reads.append(d) or metadata(self, d))
+  restored = restore(tmp_path, template)
+  assert len(reads) == 1
+  assert restored.step == 3 and isinstance(restored.step, np.ndarray)  # as Orbax gives it
+  assert_bitwise_equal(restored.params, state.params)
+  assert_bitwise_equal(restored.opt_state, state.opt_state)
+  for got, want in zip(jax.tree.leaves(restored.opt_state), jax.tree.leaves(state.opt_state)):
+    assert got.sharding == want.sharding
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("swapped", [False, True], ids=["raw", "swapped"])
 @pytest.mark.parametrize("kind", ["single", "multi", "stochastic", "offloaded"])
 def test_abstract_nnx_templates_restore_every_state_kind(tmp_path, kind, swapped):
   ema = KINDS[kind]()

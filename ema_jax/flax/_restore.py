@@ -390,6 +390,29 @@ def saved_specs(metadata_tree: Any) -> dict[str, Any]:
   }
 
 
+def _target_leaf(shape: tuple[int, ...], leaf: Any, meta: Any) -> Any:
+  """Orbax's restore target for a template leaf, read as `meta` says it was saved.
+
+  A target leaf without a sharding (an abstract template's) makes Orbax read
+  the whole checkpoint's metadata again, to find the sharding it was saved
+  with: seconds at 10,000 leaves. The metadata read for the checks has it; a
+  leaf saved without one (a Python scalar, a NumPy array) Orbax restores as a
+  NumPy array, which a NumPy target asks for directly (a view of one zero).
+  A saved sharding that does not fit the devices is left to Orbax, which
+  names the topology mismatch.
+  """
+  sharding = getattr(leaf, "sharding", None)
+  saved = getattr(meta, "sharding", None)
+  if sharding is None and saved is not None:
+    try:
+      sharding = saved.to_jax_sharding()
+    except ValueError:
+      pass
+  elif sharding is None and isinstance(leaf.dtype, np.dtype):
+    return np.broadcast_to(np.zeros((), leaf.dtype), shape)
+  return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
+
+
 def read(
     manager: Any,
     step: int,
@@ -416,9 +439,8 @@ def read(
       return leaf  # a Python scalar comes back as one
     # A swapped state's count (shape (1,)) is read as saved, reshaped below.
     shape = tuple(getattr(meta, "shape", leaf.shape))
-    return jax.ShapeDtypeStruct(
-        shape if shape == _state.SWAPPED_COUNT_SHAPE else leaf.shape,
-        leaf.dtype, sharding=getattr(leaf, "sharding", None),
+    return _target_leaf(
+        shape if shape == _state.SWAPPED_COUNT_SHAPE else leaf.shape, leaf, meta
     )
 
   item = jax.tree_util.tree_map_with_path(target, metadata_tree)
