@@ -333,8 +333,10 @@ def overwrite_update(p: Any, u: Any, e: jax.Array) -> jax.Array:
 
 def _stack(x: jax.Array, n: int) -> jax.Array:
   stacked = jnp.broadcast_to(x[None], (n, *jnp.shape(x)))
-  sharding = getattr(x, "sharding", None)
-  if isinstance(sharding, NamedSharding) and not isinstance(x, jax.core.Tracer):
+  # A tracer's `.sharding` raises (JAX builds its message by walking the
+  # whole jaxpr traced so far: quadratic in the leaves), so it is not asked.
+  sharding = None if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+  if isinstance(sharding, NamedSharding):
     # Shard the leading axis nowhere: one average lives where its param does.
     spec = PartitionSpec(None, *sharding.spec)
     return jax.device_put(stacked, NamedSharding(sharding.mesh, spec))
