@@ -108,13 +108,18 @@ def schedule_rule(
         jnp.zeros((), dtype),
     )
 
+  starts_at_0 = isinstance(start_step, int) and start_step == 0
+
   def rule(count: jax.Array) -> Step:
-    j = count - jnp.clip(start_step, 0, _checks.INT32_MAX).astype(count.dtype)
-    copying = j < 0
-    j = jnp.maximum(j, 0)
+    if starts_at_0:  # the count is never negative: nothing to copy
+      j, copying = count, None
+    else:
+      j = count - jnp.clip(start_step, 0, _checks.INT32_MAX).astype(count.dtype)
+      copying = j < 0
+      j = jnp.maximum(j, 0)
     if static_k and update_every == 1:
       w = one_step(j)
-      due: Any = jnp.ones((), bool)
+      due: Any = np.bool_(True)  # every update averages: no cond
     else:
       k = jnp.maximum(jnp.asarray(update_every, count.dtype), 1)
       saturated = count == _checks.INT32_MAX
@@ -122,6 +127,8 @@ def schedule_rule(
       w = jax.lax.cond(
           due & ~saturated, lambda j: over_steps(j, k), one_step, j
       )
+    if copying is None:
+      return Step(due, w)
     return Step(copying | due, jnp.where(copying, jnp.ones_like(w), w))
 
   return rule
@@ -206,44 +213,52 @@ def average_leaves(
   its result back, leaf by leaf.
 
   Under `jit`, the folded constants reach the leaves through one
-  `optimization_barrier` (`_folded`): each leaf broadcasts its own copy.
+  `optimization_barrier` (`_opaque`): each leaf broadcasts its own copy.
   """
   none: list[Any] = [None] * len(es)
   keeps = none if keeps is None else keeps
   keys = none if keys is None else keys
   on_device = "device" if memory_kind else None
-  own = [_scalars(e, w, k) for e, w, k in zip(es, weights, keeps)]
-  used = _folded(es, own, [*weights, *keeps])
+  memo: dict[Any, Any] = {}
+  own = [_scalars(e, w, k, memo) for e, w, k in zip(es, weights, keeps)]
+  used = _opaque(es, own)
   out = []
-  for e, p, k, key, mine, s in zip(es, ps, keeps, keys, own, used):
+  for e, p, key, s in zip(es, ps, keys, used):
     e = _memory.put(e, on_device)
     compute = _leaves.compute_dtype(e.dtype)
     ef, pf = _as(e, compute), _as(p, compute)
-    # The concrete weight decides what is copied; `s` is what multiplies.
-    if k is None:
-      mixed = _copy_where(mine[0] == 1, pf, lambda: _lerp(ef, pf, s[0]))
+    if len(s) == 2:
+      mixed = _copy_where(s[0], pf, lambda: _lerp(ef, pf, s[1]))
     else:
-      mixed = _copy_where(mine[0] == 0, pf, lambda: s[0] * ef + s[1] * pf)
+      mixed = _copy_where(s[0], pf, lambda: s[1] * ef + s[2] * pf)
     e = _as(mixed, e.dtype) if key is None else _rounding.stochastic_round(mixed, key)
     out.append(_memory.put(e, memory_kind))
   return out
 
 
-def _scalars(e: Any, weight: Any, keep: Any = None) -> tuple[Any, ...]:
-  """The scalars leaf `e`'s update multiplies by, in `e`'s compute dtype:
-  `(weight,)`, or Keras' `(keep, 1 - keep)`. NumPy for a NumPy weight."""
+def _scalars(
+    e: Any, weight: Any, keep: Any, memo: dict[Any, Any]
+) -> tuple[Any, ...]:
+  """What leaf `e`'s update uses, in `e`'s compute dtype: whether it copies
+  the params, then what it multiplies by: `(copies, weight)`, or Keras'
+  `(copies, keep, 1 - keep)`. NumPy for a NumPy weight. Computed once for
+  every leaf given the same weight object and compute dtype (`memo`)."""
   compute = _leaves.compute_dtype(e.dtype)
-  if keep is None:
-    return (weight.astype(compute),)
-  k = keep.astype(compute)
-  return (k, 1 - k)
+  memo_key = (id(weight), id(keep), compute)
+  if memo_key not in memo:
+    if keep is None:
+      w = weight.astype(compute)
+      scalars: tuple[Any, ...] = (w == 1, w)
+    else:
+      k = keep.astype(compute)
+      scalars = (k == 0, k, 1 - k)
+    memo[memo_key] = (weight, keep, scalars)  # holds the objects keyed by id
+  return memo[memo_key][2]
 
 
-def _folded(
-    es: Sequence[Any], own: list[tuple[Any, ...]], operands: Sequence[Any]
-) -> list[tuple[Any, ...]]:
-  """Each leaf's scalars as its arithmetic uses them: under `jit` with
-  concrete weights, through one barrier; else `own`.
+def _opaque(es: Sequence[Any], own: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+  """Each leaf's scalars as its arithmetic uses them: under `jit`, the
+  concrete ones through one barrier; else `own`.
 
   Folded into every leaf's arithmetic, a NumPy weight is a constant of the
   leaf's shape, and jaxlib 0.5.3's XLA makes it one constant for all leaves of
@@ -253,19 +268,31 @@ def _folded(
   `optimization_barrier` each leaf broadcasts its own copy, and XLA folds the
   constant back into each leaf's loop after partitioning: the same bytes and
   loops, one op per update (tests/test_sharding.py, tests/test_performance.py).
-  Each distinct scalar passes the barrier once, in the shape and dtype its
-  leaves use, so a leaf's update adds no op.
+  Each distinct scalar passes the barrier once, so a leaf's update adds no
+  op. A concrete `copies` stays NumPy: it decides in Python whether a leaf
+  copies. A traced scalar stays as it is (`_scalars` computed it once for
+  all leaves): XLA:CPU expands the barrier before it fuses, so the barrier
+  would not keep the scalar arithmetic out of each leaf's loop.
   """
-  if (not any(isinstance(x, jax.core.Tracer) for x in es)
-      or any(_checks.is_traced(w) for w in operands if w is not None)):
+  if not any(isinstance(x, jax.core.Tracer) for x in es):
     return own
 
   def key(x: Any) -> Any:
     return (x.dtype, x.shape, x.tobytes())
 
-  distinct = {key(x): np.asarray(x) for scalars in own for x in scalars}
+  def passes(j: int, x: Any) -> bool:  # a concrete weight or keep
+    return j > 0 and isinstance(x, (np.ndarray, np.generic))
+
+  distinct = {
+      key(x): x for scalars in own for j, x in enumerate(scalars) if passes(j, x)
+  }
+  if not distinct:
+    return own
   opaque = dict(zip(distinct, jax.lax.optimization_barrier(list(distinct.values()))))
-  return [tuple(opaque[key(x)] for x in scalars) for scalars in own]
+  return [
+      tuple(opaque[key(x)] if passes(j, x) else x for j, x in enumerate(scalars))
+      for scalars in own
+  ]
 
 
 def _as(x: jax.Array, dtype: Any) -> jax.Array:
@@ -480,9 +507,17 @@ def transformation(
     traced = isinstance(step.active, jax.core.Tracer)
     on_device = "device" if memory_kind else None
 
+    shaped: dict[tuple[int, int], Any] = {}  # `weight` and `keep` live on
+
     def by_leaf(x: Any, p: Any) -> Any:
-      # `n` weights broadcast against the leaf's trailing axes.
-      return x.reshape((n,) + (1,) * jnp.ndim(p)) if stacked else x
+      # `n` weights broadcast against the leaf's trailing axes: one array
+      # for every leaf of a rank, so a traced weight is computed once.
+      if not stacked:
+        return x
+      key = (id(x), jnp.ndim(p))
+      if key not in shaped:
+        shaped[key] = x.reshape((n,) + (1,) * key[1])
+      return shaped[key]
 
     def new_params() -> list[jax.Array]:
       return apply_updates([p_leaves[i] for i in averaged], [u_leaves[i] for i in averaged])

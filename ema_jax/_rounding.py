@@ -59,7 +59,7 @@ def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
   inlines on its own, with its own copies of the hash's constants (inlined
   by JAX, jaxlib 0.5.3's XLA made them one constant for all leaves of a shape
   and moved it between differently sharded leaves; see
-  `_engine._folded`).
+  `_engine._opaque`).
 
   Args:
     x: float32 values (other float dtypes are converted first).
