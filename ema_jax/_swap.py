@@ -174,7 +174,13 @@ def swap(
   handed out are the state's own average arrays (under jit, no arithmetic);
   for a `multi_ema` state, swapping in slices out a copy of average `index`.
   Swapping back computes and copies nothing. Donating the swapped-in params
-  to a jitted function deletes the average they share with the state.
+  to a jitted function deletes the average they share with the state. That
+  holds for `swap` called as it is, or inside a jitted step that uses what
+  it returns; `jax.jit(swap)` alone makes XLA write each output to a buffer
+  of its own, and the outputs hold the average twice (as the params and in
+  the state), so even with both arguments donated it writes one
+  param-sized tree. Keeping the average in the swapped state is what makes
+  swapping back unable to lose it.
   Swapped params keep the EMA's dtype (float32 for bfloat16 params by
   default). Leaves the EMA does not cover (excluded by `mask`, or outside its
   `optax.masked` / `multi_transform` part) stay as they are in `params`.
