@@ -14,8 +14,11 @@ Cases, by group:
   step   an Adam train step (jitted, params and optimizer state donated)
          without an EMA, with `ema()` last in the chain (and its options),
          with `optax.incremental_update` written by hand over the same state
-         (a count and a float32 average), and Flax's `nnx.EMA` beside the same
-         NNX step without it.
+         (a count and a float32 average); the options (a warm-up schedule,
+         `debias`, `update_every=2`) and `multi_ema` of two decays, each
+         beside the same arithmetic written by hand; the first three again
+         over bfloat16 params (the average float32); and Flax's `nnx.EMA`
+         beside the same NNX step without it.
   entry  the jitted entry points `swap`, `ema_params`, `blend`, `reset` over
          an `ema()` state, beside their floor: a jitted identity over the same
          trees (`reset`'s floor also copies the params into the average's
@@ -64,6 +67,13 @@ DECAY = 0.999
 
 STEP_BASE = "without EMA"
 BY_HAND = "by hand: optax.incremental_update + a count"
+SCHEDULE = "ema(warmup_decay, debias, update_every=2)"
+BY_HAND_SCHEDULE = "by hand: the same warm-up, debias and every 2"
+MULTI_DECAYS = (DECAY, 0.9999)
+MULTI = "multi_ema((0.999, 0.9999))"
+BY_HAND_TWO = "by hand: two incremental_updates"
+# The suffix of a step case over bfloat16 params (a float32 average).
+BF16 = ", bfloat16 params"
 NNX_BASE = "nnx: without EMA"
 ENTRY_BASE = "floor: jitted identity over (params, state)"
 SWAP_BASE = "floor: jitted, swap's output trees by hand"
@@ -102,6 +112,54 @@ def _by_hand(params: Any) -> Built:
 
   average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
   ema = optax.EmaState(jax.ShapeDtypeStruct((), jnp.int32), average)
+  return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
+
+
+def _by_hand_schedule(params: Any) -> Built:
+  adam = optax.adam(1e-3)
+
+  # `ema(warmup_decay(DECAY), debias=True, update_every=2)` as a user writes
+  # it without a library: the warm-up decay, its product over the two steps
+  # an update stands for, the debiasing normaliser, and a cond that averages
+  # on every second step.
+  def keep(t: jax.Array) -> jax.Array:  # the warm-up decay at step t
+    return jnp.minimum(1.0 - (1.0 + t.astype(jnp.float32)) ** (-2.0 / 3.0), DECAY)
+
+  def step(params: Any, state: Any, grads: Any) -> Any:
+    opt_state, (count, ema, norm) = state
+    updates, opt_state = adam.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+    def average(ema: Any, norm: jax.Array) -> Any:
+      w = 1.0 - keep(jnp.maximum(count - 1, 0)) * keep(count)
+      norm = norm + w * (1.0 - norm)
+      return jax.tree.map(lambda p, e: optax.incremental_update(p, e, w / norm),
+                          params, ema), norm
+
+    ema, norm = jax.lax.cond(count % 2 == 1, average, lambda e, n: (e, n), ema, norm)
+    return params, (opt_state, (optax.safe_increment(count), ema, norm))
+
+  average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  ema = (jax.ShapeDtypeStruct((), jnp.int32), average, scalar)
+  return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
+
+
+def _by_hand_two(params: Any) -> Built:
+  adam = optax.adam(1e-3)
+
+  # Two averages as a user writes them without `multi_ema`: two
+  # `incremental_update`s of each leaf, one per decay.
+  def step(params: Any, state: Any, grads: Any) -> Any:
+    opt_state, (count, emas) = state
+    updates, opt_state = adam.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    emas = tuple(jax.tree.map(lambda p, e: optax.incremental_update(p, e, 1 - d), params, e)
+                 for d, e in zip(MULTI_DECAYS, emas))
+    return params, (opt_state, (optax.safe_increment(count), emas))
+
+  average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+  ema = (jax.ShapeDtypeStruct((), jnp.int32), (average, average))
   return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
 
 
@@ -326,30 +384,48 @@ def measure_call(case: str, leaves: int, directory: str) -> dict[str, Any]:
 
 
 def build(case: str, leaves: int, dtype: Any = jnp.float32) -> Built:
-  """`(f, args, donate_argnums)` of `case` over `leaves` leaves of `dtype`."""
+  """`(f, args, donate_argnums)` of `case` over `leaves` leaves of `dtype`
+  (bfloat16 for a case named with `BF16`)."""
+  if case.endswith(BF16):
+    case, dtype = case[: -len(BF16)], jnp.bfloat16
   params = params_like(leaves, dtype)
   adam = optax.adam(1e-3)
   if case == STEP_BASE:
     return _chain(adam, params)
   if case == "ema()":
     return _chain(optax.chain(adam, ema_jax.ema(DECAY)), params)
-  if case == "ema(warmup_decay, debias, update_every=2)":
+  if case == SCHEDULE:
     ema = ema_jax.ema(ema_jax.warmup_decay(DECAY), debias=True, update_every=2)
     return _chain(optax.chain(adam, ema), params)
-  if case == "multi_ema((0.999, 0.9999))":
-    return _chain(optax.chain(adam, ema_jax.multi_ema((DECAY, 0.9999))), params)
+  if case == MULTI:
+    return _chain(optax.chain(adam, ema_jax.multi_ema(MULTI_DECAYS)), params)
   if case == BY_HAND:
     return _by_hand(params)
+  if case == BY_HAND_SCHEDULE:
+    return _by_hand_schedule(params)
+  if case == BY_HAND_TWO:
+    return _by_hand_two(params)
   if case in (NNX_BASE, "nnx.EMA"):
     return _nnx(params, case == "nnx.EMA")
   return _entry(case, params)
 
 
-STEP_CASES = (STEP_BASE, BY_HAND, "ema()", "ema(warmup_decay, debias, update_every=2)",
-              "multi_ema((0.999, 0.9999))", NNX_BASE, "nnx.EMA")
+STEP_CASES = (STEP_BASE, BY_HAND, "ema()", SCHEDULE, BY_HAND_SCHEDULE, MULTI, BY_HAND_TWO,
+              STEP_BASE + BF16, BY_HAND + BF16, "ema()" + BF16, NNX_BASE, "nnx.EMA")
+# A step case with more arithmetic than one average -> by hand, the same arithmetic.
+SAME_BY_HAND = {SCHEDULE: BY_HAND_SCHEDULE, MULTI: BY_HAND_TWO}
 ENTRY_CASES = (ENTRY_BASE, SWAP_BASE, "swap", "ema_params", BLEND_BASE, "blend", RESET_BASE, "reset")
 CALL_CASES = (RESTORE_BASE, RESTORE, SYNTH_BASE, SYNTH, HOOK_BASE, HOOK, NNX_HOOK_BASE,
               NNX_HOOK)
+
+
+def step_bases(case: str) -> tuple[str, str]:
+  """A step case's baselines: the step without an EMA, and by hand, over
+  params of the case's dtype."""
+  suffix = BF16 if case.endswith(BF16) else ""
+  return STEP_BASE + suffix, BY_HAND + suffix
+
+
 # case -> the case whose time it is judged against
 FLOORS = {"reset": RESET_BASE, "swap": SWAP_BASE, "ema_params": ENTRY_BASE,
           "blend": BLEND_BASE, RESTORE: RESTORE_BASE, SYNTH: SYNTH_BASE, HOOK: HOOK_BASE,
