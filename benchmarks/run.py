@@ -648,6 +648,21 @@ def first_step_group(cases: tuple[str, ...], leaves: int, rounds: int) -> dict[s
   return res
 
 
+def _first_cell(c: dict[str, Any] | None) -> str:
+  """One case at one leaf count: its times, its ratio, its overheads' ratios."""
+  if c is None:
+    return "not run"
+  cell = (f"{_fmt_time(c['first_call_s']['median'])}" if "first_call_s" in c else
+          f"{_fmt_time(c['trace_lower_s']['median'])} / {_fmt_time(c['compile_s']['median'])}")
+  if "ratio" in c:
+    cell += f" ({c['ratio']['median']:.2f}x)"
+  if "overhead_vs_same_by_hand" in c:
+    cell += f" [{c['overhead_vs_by_hand']:.2f}; {c['overhead_vs_same_by_hand']:.2f}]"
+  elif "overhead_vs_by_hand" in c:
+    cell += f" [{c['overhead_vs_by_hand']:.2f}]"
+  return cell
+
+
 def print_first_table(groups: list[dict[str, Any]]) -> None:
   if not groups:
     return
@@ -657,26 +672,14 @@ def print_first_table(groups: list[dict[str, Any]]) -> None:
         + ", median over fresh processes; (x): total / its baseline's or floor's, paired "
         "within rounds")
   names = list(dict.fromkeys(n for g in groups for n in g["cases"]))
+  rows = {name: [_first_cell(next(
+      (g["cases"][name] for g in groups if g["leaves"] == n and name in g["cases"]), None))
+      for n in counts] for name in names}
   width = max(len(n) for n in names) + 2
-  print("".ljust(width) + "".join(f"{f'{n} leaves':>34}" for n in counts))
-  for name in names:
-    cells = []
-    for n in counts:
-      c = next((g["cases"][name] for g in groups if g["leaves"] == n and name in g["cases"]),
-               None)
-      if c is None:
-        cells.append(f"{'not run':>34}")
-        continue
-      cell = (f"{_fmt_time(c['first_call_s']['median'])}" if "first_call_s" in c else
-              f"{_fmt_time(c['trace_lower_s']['median'])} / {_fmt_time(c['compile_s']['median'])}")
-      if "ratio" in c:
-        cell += f" ({c['ratio']['median']:.2f}x)"
-      if "overhead_vs_same_by_hand" in c:
-        cell += f" [{c['overhead_vs_by_hand']:.2f}; {c['overhead_vs_same_by_hand']:.2f}]"
-      elif "overhead_vs_by_hand" in c:
-        cell += f" [{c['overhead_vs_by_hand']:.2f}]"
-      cells.append(f"{cell:>34}")
-    print(name.ljust(width) + "".join(cells))
+  cell_width = max(len(cell) for cells in rows.values() for cell in cells) + 2
+  print("".ljust(width) + "".join(f"{n} leaves".rjust(cell_width) for n in counts))
+  for name, cells in rows.items():
+    print(name.ljust(width) + "".join(cell.rjust(cell_width) for cell in cells))
   if first_step.BY_HAND in names:
     print("[r]: the case's overhead over the step without EMA, as a multiple of the "
           "by-hand incremental_update's overhead (ratio of medians); [r; s]: s, of the "
