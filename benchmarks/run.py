@@ -592,9 +592,6 @@ def _xla_bytes_and_temps(
 # Section 3: time to the first step
 
 FIRST_COUNTS = (10, 100, 1000, 10_000)
-# Above this, the step group leaves out Flax's nnx.EMA: tracing its update
-# took 101 s at 1000 leaves (flax 0.12.8, 2-core VM) and grows faster.
-NNX_EMA_MAX_LEAVES = 1000
 SMOKE_FIRST_COUNTS = (3,)
 
 
@@ -948,10 +945,10 @@ def main(argv: list[str] | None = None) -> int:
       groups = {"step": first_step.STEP_CASES, "entry": first_step.ENTRY_CASES,
                 "calls": first_step.CALL_CASES,
                 "core": first_step.STEP_CASES[:3]}
-      if leaves > NNX_EMA_MAX_LEAVES:
-        groups["step"] = tuple(c for c in groups["step"] if not c.startswith("nnx"))
-        print(f"first: skipped nnx.EMA and its base at {leaves} leaves: nnx.EMA's trace "
-              f"grows faster than its leaves (101 s at 1000, 2-core VM)")
+      for name, (most, why) in first_step.MAX_LEAVES.items():
+        if leaves > most:
+          groups = {k: tuple(c for c in v if c != name) for k, v in groups.items()}
+          print(f"first: skipped {name!r} at {leaves} leaves: {why}")
       for group in args.first_groups.split(","):
         report["first"].append(first_step_group(groups[group], leaves, rounds_))
     print_first_table([g for g in report["first"] if first_step.STEP_BASE in g["cases"]])
