@@ -122,28 +122,39 @@ def _chain(tx: optax.GradientTransformation, params: Any) -> Built:
   return step, (params, jax.eval_shape(tx.init, params), params), (0, 1)
 
 
-def _by_hand(params: Any) -> Built:
+def _adam_then(params: Any, ema: Any, update_ema: Callable[[Any, Any], Any]) -> Built:
+  """An Adam step, then `update_ema(new_params, ema)`: an EMA written by hand."""
   adam = optax.adam(1e-3)
 
-  # What a user writes without a library: optax.ema's state (a float32
-  # average, as ema_jax keeps for bfloat16 params), the average updated from
-  # the step's new params.
   def step(params: Any, state: Any, grads: Any) -> Any:
     opt_state, ema = state
     updates, opt_state = adam.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    new = jax.tree.map(lambda p, e: optax.incremental_update(p.astype(e.dtype), e, 1 - DECAY),
-                       params, ema.ema)
-    return params, (opt_state, optax.EmaState(optax.safe_increment(ema.count), new))
+    return params, (opt_state, update_ema(params, ema))
 
-  average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
-  ema = optax.EmaState(jax.ShapeDtypeStruct((), jnp.int32), average)
   return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
 
 
-def _by_hand_schedule(params: Any) -> Built:
-  adam = optax.adam(1e-3)
+def _float32_like(params: Any) -> Any:
+  return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
 
+
+_COUNT = jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def _by_hand(params: Any) -> Built:
+  # What a user writes without a library: optax.ema's state (a float32
+  # average, as ema_jax keeps for bfloat16 params), the average updated from
+  # the step's new params.
+  def update_ema(params: Any, ema: Any) -> Any:
+    new = jax.tree.map(lambda p, e: optax.incremental_update(p.astype(e.dtype), e, 1 - DECAY),
+                       params, ema.ema)
+    return optax.EmaState(optax.safe_increment(ema.count), new)
+
+  return _adam_then(params, optax.EmaState(_COUNT, _float32_like(params)), update_ema)
+
+
+def _by_hand_schedule(params: Any) -> Built:
   # `ema(warmup_decay(DECAY), debias=True, update_every=2)` as a user writes
   # it without a library: the warm-up decay, its product over the two steps
   # an update stands for, the debiasing normaliser, and a cond that averages
@@ -151,10 +162,8 @@ def _by_hand_schedule(params: Any) -> Built:
   def keep(t: jax.Array) -> jax.Array:  # the warm-up decay at step t
     return jnp.minimum(1.0 - (1.0 + t.astype(jnp.float32)) ** (-2.0 / 3.0), DECAY)
 
-  def step(params: Any, state: Any, grads: Any) -> Any:
-    opt_state, (count, ema, norm) = state
-    updates, opt_state = adam.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+  def update_ema(params: Any, state: Any) -> Any:
+    count, ema, norm = state
 
     def average(ema: Any, norm: jax.Array) -> Any:
       w = 1.0 - keep(jnp.maximum(count - 1, 0)) * keep(count)
@@ -163,30 +172,23 @@ def _by_hand_schedule(params: Any) -> Built:
                           params, ema), norm
 
     ema, norm = jax.lax.cond(count % 2 == 1, average, lambda e, n: (e, n), ema, norm)
-    return params, (opt_state, (optax.safe_increment(count), ema, norm))
+    return optax.safe_increment(count), ema, norm
 
-  average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
-  scalar = jax.ShapeDtypeStruct((), jnp.float32)
-  ema = (jax.ShapeDtypeStruct((), jnp.int32), average, scalar)
-  return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
+  ema = (_COUNT, _float32_like(params), jax.ShapeDtypeStruct((), jnp.float32))
+  return _adam_then(params, ema, update_ema)
 
 
 def _by_hand_two(params: Any) -> Built:
-  adam = optax.adam(1e-3)
-
   # Two averages as a user writes them without `multi_ema`: two
   # `incremental_update`s of each leaf, one per decay.
-  def step(params: Any, state: Any, grads: Any) -> Any:
-    opt_state, (count, emas) = state
-    updates, opt_state = adam.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+  def update_ema(params: Any, state: Any) -> Any:
+    count, emas = state
     emas = tuple(jax.tree.map(lambda p, e: optax.incremental_update(p, e, 1 - d), params, e)
                  for d, e in zip(MULTI_DECAYS, emas))
-    return params, (opt_state, (optax.safe_increment(count), emas))
+    return optax.safe_increment(count), emas
 
-  average = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
-  ema = (jax.ShapeDtypeStruct((), jnp.int32), (average, average))
-  return step, (params, (jax.eval_shape(adam.init, params), ema), params), (0, 1)
+  average = _float32_like(params)
+  return _adam_then(params, (_COUNT, (average, average)), update_ema)
 
 
 def _nnx(params: Any, with_ema: bool) -> Built:
