@@ -140,6 +140,6 @@ def apply_updates_and_average(
     new_ema.append(e)
   es = [new_ema[i] for i in averaged]
   ps = [new_params[i] for i in averaged]
-  for i, e in zip(averaged, _engine.average_leaves(es, ps, [weight] * len(es))):
+  for i, e in zip(averaged, _engine.average_leaves(es, ps, weight)):
     new_ema[i] = e
   return jax.tree.unflatten(treedef, new_params), jax.tree.unflatten(treedef, new_ema)

@@ -195,70 +195,71 @@ def clip_weight(weight: Any) -> Any:
 def average_leaves(
     es: Sequence[jax.Array],
     ps: Sequence[jax.Array],
-    weights: Sequence[Any],
-    keeps: Sequence[Any] | None = None,
+    weight: Any,
+    keep: Any = None,
     keys: Sequence[jax.Array | None] | None = None,
     memory_kind: str | None = None,
 ) -> list[jax.Array]:
   """One EMA step of each leaf `e` towards its `p`: `e + weight * (p - e)`.
 
-  The one per-leaf update, for every leaf of an update at once. An `e` may
-  hold `n` averages on a leading axis, with its weight of shape
-  `(n, 1, ...)`; a NumPy weight (a constant decay) is folded into the
-  arithmetic. The arithmetic is in float32 or wider; a weight of 1 gives `p`
-  exactly. With `keeps` (the Keras preset) the form is Keras'
-  `keep * e + (1 - keep) * p`. With a key the result is rounded
-  stochastically into `e`'s dtype (bfloat16). With `memory_kind` (an
-  offloaded average) each `e` is moved to the device for its arithmetic and
-  its result back, leaf by leaf.
+  The one per-leaf update, for every leaf of an update at once. `weight` is
+  one scalar for every leaf, or `n` weights, shape `(n,)`, when each `e`
+  holds `n` averages on a leading axis; a NumPy weight (a constant decay) is
+  folded into the arithmetic. The arithmetic is in float32 or wider; a
+  weight of 1 gives `p` exactly. With `keep` (the Keras preset, shaped as
+  `weight`) the form is Keras' `keep * e + (1 - keep) * p`. With a key the
+  result is rounded stochastically into `e`'s dtype (bfloat16). With
+  `memory_kind` (an offloaded average) each `e` is moved to the device for
+  its arithmetic and its result back, leaf by leaf.
 
-  Under `jit`, the folded constants reach the leaves through one
-  `optimization_barrier` (`_opaque`): each leaf broadcasts its own copy.
+  The scalars are computed once for each rank and compute dtype of the
+  leaves, not once per leaf; under `jit` the folded constants reach the
+  leaves through one `optimization_barrier` (`_opaque`): each leaf
+  broadcasts its own copy.
   """
-  none: list[Any] = [None] * len(es)
-  keeps = none if keeps is None else keeps
-  keys = none if keys is None else keys
+  keys = [None] * len(es) if keys is None else keys
   on_device = "device" if memory_kind else None
-  memo: dict[Any, Any] = {}
-  own = [_scalars(e, w, k, memo) for e, w, k in zip(es, weights, keeps)]
-  used = _opaque(es, own)
+  kinds = [(jnp.ndim(e), _leaves.compute_dtype(e.dtype)) for e in es]
+  scalars = {kind: _scalars(weight, keep, *kind) for kind in dict.fromkeys(kinds)}
+  if any(isinstance(e, jax.core.Tracer) for e in es):
+    scalars = _opaque(scalars)
   out = []
-  for e, p, key, s in zip(es, ps, keys, used):
+  for e, p, key, kind in zip(es, ps, keys, kinds):
+    copies, factors = scalars[kind]
     e = _memory.put(e, on_device)
-    compute = _leaves.compute_dtype(e.dtype)
-    ef, pf = _as(e, compute), _as(p, compute)
-    if len(s) == 2:
-      mixed = _copy_where(s[0], pf, lambda: _lerp(ef, pf, s[1]))
+    ef, pf = _as(e, kind[1]), _as(p, kind[1])
+    if keep is None:
+      mixed = _copy_where(copies, pf, lambda: _lerp(ef, pf, factors[0]))
     else:
-      mixed = _copy_where(s[0], pf, lambda: s[1] * ef + s[2] * pf)
+      mixed = _copy_where(copies, pf, lambda: factors[0] * ef + factors[1] * pf)
     e = _as(mixed, e.dtype) if key is None else _rounding.stochastic_round(mixed, key)
     out.append(_memory.put(e, memory_kind))
   return out
 
 
-def _scalars(
-    e: Any, weight: Any, keep: Any, memo: dict[Any, Any]
-) -> tuple[Any, ...]:
-  """What leaf `e`'s update uses, in `e`'s compute dtype: whether it copies
-  the params, then what it multiplies by: `(copies, weight)`, or Keras'
-  `(copies, keep, 1 - keep)`. NumPy for a NumPy weight. Computed once for
-  every leaf given the same weight object and compute dtype (`memo`)."""
-  compute = _leaves.compute_dtype(e.dtype)
-  memo_key = (id(weight), id(keep), compute)
-  if memo_key not in memo:
-    if keep is None:
-      w = weight.astype(compute)
-      scalars: tuple[Any, ...] = (w == 1, w)
-    else:
-      k = keep.astype(compute)
-      scalars = (k == 0, k, 1 - k)
-    memo[memo_key] = (weight, keep, scalars)  # holds the objects keyed by id
-  return memo[memo_key][2]
+Scalars = tuple[Any, tuple[Any, ...]]
 
 
-def _opaque(es: Sequence[Any], own: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-  """Each leaf's scalars as its arithmetic uses them: under `jit`, the
-  concrete ones through one barrier; else `own`.
+def _scalars(weight: Any, keep: Any, rank: int, compute: Any) -> Scalars:
+  """What the update of a leaf of `rank` computed in `compute` uses: whether
+  it copies the params, and what it multiplies by, `(weight,)` or Keras'
+  `(keep, 1 - keep)`; `n` weights broadcast against the leaf's trailing axes.
+  NumPy for a NumPy weight."""
+  def shaped(x: Any) -> Any:
+    if jnp.ndim(x) == 1:  # one per average, on the leaf's leading axis
+      x = x.reshape((-1,) + (1,) * (rank - 1))
+    return x.astype(compute)
+
+  if keep is None:
+    w = shaped(weight)
+    return w == 1, (w,)
+  k = shaped(keep)
+  return k == 0, (k, 1 - k)
+
+
+def _opaque(scalars: dict[Any, Scalars]) -> dict[Any, Scalars]:
+  """The scalars as a jitted update uses them: the concrete factors through
+  one barrier.
 
   Folded into every leaf's arithmetic, a NumPy weight is a constant of the
   leaf's shape, and jaxlib 0.5.3's XLA makes it one constant for all leaves of
@@ -268,31 +269,27 @@ def _opaque(es: Sequence[Any], own: list[tuple[Any, ...]]) -> list[tuple[Any, ..
   `optimization_barrier` each leaf broadcasts its own copy, and XLA folds the
   constant back into each leaf's loop after partitioning: the same bytes and
   loops, one op per update (tests/test_sharding.py, tests/test_performance.py).
-  Each distinct scalar passes the barrier once, so a leaf's update adds no
-  op. A concrete `copies` stays NumPy: it decides in Python whether a leaf
-  copies. A traced scalar stays as it is (`_scalars` computed it once for
-  all leaves): XLA:CPU expands the barrier before it fuses, so the barrier
-  would not keep the scalar arithmetic out of each leaf's loop.
+  Each distinct constant passes the barrier once. A concrete `copies` stays
+  NumPy: it decides in Python whether a leaf copies. Traced factors stay as
+  they are: XLA:CPU expands the barrier before it fuses, so the barrier would
+  not keep their scalar arithmetic out of each leaf's loop.
   """
-  if not any(isinstance(x, jax.core.Tracer) for x in es):
-    return own
-
   def key(x: Any) -> Any:
     return (x.dtype, x.shape, x.tobytes())
 
-  def passes(j: int, x: Any) -> bool:  # a concrete weight or keep
-    return j > 0 and isinstance(x, (np.ndarray, np.generic))
+  def concrete(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, np.generic))
 
   distinct = {
-      key(x): x for scalars in own for j, x in enumerate(scalars) if passes(j, x)
+      key(x): x for _, factors in scalars.values() for x in factors if concrete(x)
   }
   if not distinct:
-    return own
+    return scalars
   opaque = dict(zip(distinct, jax.lax.optimization_barrier(list(distinct.values()))))
-  return [
-      tuple(opaque[key(x)] if passes(j, x) else x for j, x in enumerate(scalars))
-      for scalars in own
-  ]
+  return {
+      kind: (copies, tuple(opaque[key(x)] if concrete(x) else x for x in factors))
+      for kind, (copies, factors) in scalars.items()
+  }
 
 
 def _as(x: jax.Array, dtype: Any) -> jax.Array:
@@ -507,18 +504,6 @@ def transformation(
     traced = isinstance(step.active, jax.core.Tracer)
     on_device = "device" if memory_kind else None
 
-    shaped: dict[tuple[int, int], Any] = {}  # `weight` and `keep` live on
-
-    def by_leaf(x: Any, p: Any) -> Any:
-      # `n` weights broadcast against the leaf's trailing axes: one array
-      # for every leaf of a rank, so a traced weight is computed once.
-      if not stacked:
-        return x
-      key = (id(x), jnp.ndim(p))
-      if key not in shaped:
-        shaped[key] = x.reshape((n,) + (1,) * key[1])
-      return shaped[key]
-
     def new_params() -> list[jax.Array]:
       return apply_updates([p_leaves[i] for i in averaged], [u_leaves[i] for i in averaged])
 
@@ -532,9 +517,7 @@ def transformation(
     def average(old: list[jax.Array]) -> list[jax.Array]:
       ps = outside if outside is not None else new_params()
       return average_leaves(
-          old, ps, [by_leaf(weight, p) for p in ps],
-          None if step.keep is None else [by_leaf(step.keep, p) for p in ps],
-          [leaf_keys[i] for i in averaged], memory_kind,
+          old, ps, weight, step.keep, [leaf_keys[i] for i in averaged], memory_kind
       )
 
     # A cond, not a select: an update that does not average (update_every > 1)

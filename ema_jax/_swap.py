@@ -358,7 +358,7 @@ def blend(
   ps = [jnp.asarray(out[j]) for j in blended]
   # One EMA step of the params toward the EMA, with weight `alpha`.
   emas = [_memory.same_memory_as(_pick(leaves[j][2], i), p) for j, p in zip(blended, ps)]
-  for j, p in zip(blended, _engine.average_leaves(ps, emas, [weight] * len(ps))):
+  for j, p in zip(blended, _engine.average_leaves(ps, emas, weight)):
     out[j] = p
   return jax.tree.unflatten(treedef, out)
 
